@@ -141,6 +141,25 @@ class SinkPolicy:
         sb = math.ceil(sink_tokens / block_size)
         return max(0, (rotary_table_len // block_size - sb - 1) * block_size)
 
+    @classmethod
+    def resolve(cls, sink_tokens: int, window_tokens: int | None, block_size: int,
+                rotary_table_len: int, what: str = "the model") -> "SinkPolicy":
+        """The policy an engine runs: ``window_tokens=None`` picks the largest
+        window the rotary table allows; every bad value raises PolicyConfigError."""
+        if sink_tokens < 0:
+            raise PolicyConfigError(
+                f"--sink-tokens must be >= 0 (0 is plain window attention), got {sink_tokens}")
+        if window_tokens is None:
+            window_tokens = cls.largest_window(rotary_table_len, sink_tokens, block_size)
+            if window_tokens <= 0:
+                raise PolicyConfigError(
+                    f"{what} has a rotary table of {rotary_table_len} positions: too small for "
+                    f"{sink_tokens} sink tokens and even one {block_size}-token window block "
+                    f"(--sink-tokens / --block-size)")
+        policy = cls(sink_tokens, window_tokens, block_size)
+        policy.check_rotary_table(rotary_table_len, what)
+        return policy
+
     def describe(self) -> str:
         return (f"streaming-sink: {self.sink_tokens} sink tokens ({self.sink_blocks} block(s)) + "
                 f"{self.window_tokens}-token window ({self.window_blocks} blocks of {self.block_size}); "

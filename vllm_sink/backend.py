@@ -1,0 +1,176 @@
+"""The attention backend vLLM runs while ``--kv-policy streaming-sink`` is on.
+
+It writes K/V into the paged cache like any backend and computes the contract
+of docs/architecture.md with the engine-free core: the torch reference on CPU,
+the Triton kernels on CUDA. Live blocks come from the policy, never from the
+block table's gap (it holds stale ids of recycled blocks).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from vllm.config import get_current_vllm_config
+from vllm.v1.attention.backend import (
+    AttentionBackend,
+    AttentionImpl,
+    AttentionMetadataBuilder,
+    AttentionType,
+    CommonAttentionMetadata,
+    MultipleOf,
+)
+from vllm.v1.kv_cache_interface import AttentionSpec, FullAttentionSpec, SlidingWindowSpec
+
+from streaming_sink.policy import PolicyConfigError, SinkPolicy
+from streaming_sink.reference_attention import paged_attention_ref
+from streaming_sink.rope import RotaryParams
+
+from .config import policy_of
+from .kv_manager import StreamingSinkSpec
+
+
+def _current_policy() -> SinkPolicy:
+    policy = policy_of(get_current_vllm_config())
+    if policy is None:
+        raise RuntimeError("the streaming-sink backend was selected without the policy in the config")
+    return policy
+
+
+class StreamingSinkAttentionBackend(AttentionBackend):
+    forward_includes_kv_cache_update: bool = False
+    supported_dtypes: ClassVar[list[torch.dtype]] = [torch.float16, torch.bfloat16, torch.float32]
+    supported_kv_cache_dtypes: ClassVar[list] = ["auto"]
+
+    @staticmethod
+    def get_supported_kernel_block_sizes(kv_cache_spec=None) -> list[int | MultipleOf]:
+        return [MultipleOf(16)]
+
+    @staticmethod
+    def get_name() -> str:
+        return "CUSTOM"
+
+    @staticmethod
+    def get_impl_cls() -> type["StreamingSinkAttentionImpl"]:
+        return StreamingSinkAttentionImpl
+
+    @staticmethod
+    def get_builder_cls() -> type["StreamingSinkMetadataBuilder"]:
+        return StreamingSinkMetadataBuilder
+
+    @classmethod
+    def supports_sink(cls) -> bool:
+        return True
+
+    @classmethod
+    def supports_sliding_window(cls) -> bool:
+        return True
+
+    @classmethod
+    def supports_attn_type(cls, attn_type: str) -> bool:
+        return attn_type == AttentionType.DECODER
+
+    @classmethod
+    def customize_spec(cls, spec: AttentionSpec) -> AttentionSpec:
+        """Full-attention layers become sink+window layers; a layer's own
+        sliding window (e.g. GPT-OSS) stays a plain sliding-window layer."""
+        if isinstance(spec, SlidingWindowSpec) or not isinstance(spec, FullAttentionSpec):
+            return spec
+        policy = _current_policy()
+        if spec.block_size != policy.block_size:
+            raise PolicyConfigError(
+                f"KV block size {spec.block_size} differs from the policy's {policy.block_size}")
+        return StreamingSinkSpec(
+            block_size=spec.block_size, num_kv_heads=spec.num_kv_heads, head_size=spec.head_size,
+            head_size_v=spec.head_size_v, dtype=spec.dtype, kv_quant_mode=spec.kv_quant_mode,
+            sliding_window=policy.window_tokens, sink_tokens=policy.sink_tokens)
+
+
+@dataclass
+class StreamingSinkMetadata:
+    num_actual_tokens: int
+    max_query_len: int
+    query_start_loc: torch.Tensor
+    seq_lens: torch.Tensor
+    block_table: torch.Tensor
+    slot_mapping: torch.Tensor
+
+
+class StreamingSinkMetadataBuilder(AttentionMetadataBuilder[StreamingSinkMetadata]):
+    def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
+              fast_build: bool = False) -> StreamingSinkMetadata:
+        m = common_attn_metadata
+        return StreamingSinkMetadata(
+            num_actual_tokens=m.num_actual_tokens, max_query_len=m.max_query_len,
+            query_start_loc=m.query_start_loc, seq_lens=m.seq_lens,
+            block_table=m.block_table_tensor, slot_mapping=m.slot_mapping)
+
+
+class StreamingSinkAttentionImpl(AttentionImpl):
+    def __init__(self, num_heads: int, head_size: int, scale: float, num_kv_heads: int,
+                 alibi_slopes: list[float] | None, sliding_window: int | None, kv_cache_dtype: str,
+                 logits_soft_cap: float | None = None, attn_type: str = AttentionType.DECODER,
+                 kv_sharing_target_layer_name: str | None = None,
+                 sinks: torch.Tensor | None = None) -> None:
+        unsupported = [name for name, bad in (
+            ("ALiBi", alibi_slopes is not None),
+            ("logits soft-capping", logits_soft_cap not in (None, 0)),
+            (f"quantized KV cache ({kv_cache_dtype})", kv_cache_dtype != "auto"),
+            ("cross-layer KV sharing", kv_sharing_target_layer_name is not None),
+            (f"{attn_type} attention", attn_type != AttentionType.DECODER),
+        ) if bad]
+        if unsupported:
+            raise PolicyConfigError(
+                f"--kv-policy streaming-sink does not support {', '.join(unsupported)} yet")
+        self.num_heads, self.head_size, self.num_kv_heads = num_heads, head_size, num_kv_heads
+        self.scale = float(scale)
+        self.sliding_window = sliding_window
+        self.sinks = sinks
+        self.policy = _current_policy()
+        # Filled by rope_remap.install() once the model is built: the layer's
+        # rotary frequencies, needed for the per-block query rotation.
+        self.rope: RotaryParams | None = None
+
+    def do_kv_cache_update(self, layer, key: torch.Tensor, value: torch.Tensor,
+                           kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+        # kv_cache is vLLM's logical per-layer view [blocks, kv_heads, block_size, 2 * D].
+        n = slot_mapping.shape[0]
+        keep = slot_mapping >= 0  # padded tokens carry slot -1
+        slots = slot_mapping[keep].long()
+        bs = kv_cache.shape[2]
+        blk, off = slots // bs, slots % bs
+        d = self.head_size
+        kv_cache[blk, :, off, :d] = key[:n][keep].to(kv_cache.dtype)
+        kv_cache[blk, :, off, d:] = value[:n][keep].to(kv_cache.dtype)
+
+    def forward(self, layer, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                kv_cache: torch.Tensor, attn_metadata: StreamingSinkMetadata | None,
+                output: torch.Tensor, output_scale=None, output_block_scale=None) -> torch.Tensor:
+        if output_scale is not None or output_block_scale is not None:
+            raise NotImplementedError("fused output quantization is not supported by streaming-sink")
+        if attn_metadata is None:  # profiling / warm-up run
+            return output
+        if self.rope is None:
+            raise RuntimeError("streaming-sink: rotary parameters were not installed for this layer")
+        n = attn_metadata.num_actual_tokens
+        d = self.head_size
+        k_cache = kv_cache[..., :d].transpose(1, 2)  # [blocks, block_size, kv_heads, D]
+        v_cache = kv_cache[..., d:].transpose(1, 2)
+        out = output[:n].view(n, self.num_heads, d)
+        attend = _attention_kernel(query.device)
+        attend(query[:n].view(n, self.num_heads, d), k_cache, v_cache, attn_metadata.block_table,
+               attn_metadata.query_start_loc, attn_metadata.seq_lens, self.scale,
+               policy=self.policy, rope=self.rope, sinks=self.sinks,
+               sliding_window=self.sliding_window, out=out)
+        return output
+
+
+def _attention_kernel(device: torch.device):
+    """The GPU kernel slot: Triton on CUDA, the torch reference elsewhere."""
+    if device.type == "cuda":
+        from streaming_sink.triton_attention import paged_sink_attention
+
+        return paged_sink_attention
+    return paged_attention_ref

@@ -1,0 +1,84 @@
+"""Positions inside the cache: feed the model's own RoPE ``pos(t)``.
+
+After vLLM builds the model, every rotary module that sits next to one of our
+attention layers gets its ``forward`` wrapped so it rotates at the cache
+position ``pos(t)`` of the contract instead of ``t`` (an elementwise function,
+so torch.compile traces it). The same walk hands each attention layer its
+rotary frequencies for the per-block query rotation, and refuses models whose
+attention has no RoPE or whose rotary table is too short for the window.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from streaming_sink.policy import PolicyConfigError, SinkPolicy
+from streaming_sink.rope import RotaryParams
+
+
+def rotary_params(rope: torch.nn.Module, policy: SinkPolicy, name: str) -> RotaryParams:
+    """Pure-rotation frequencies of a vLLM rotary module, checked against its table.
+
+    The frequencies are read off the module's own float32 table at position 1
+    (``atan2(sin, cos)``), which drops any magnitude factor (YaRN's mscale)
+    and covers every position-linear scaling (linear, NTK, Llama-3, YaRN).
+    """
+    for attr in ("rotary_dim", "is_neox_style", "cos_sin_cache"):
+        if not hasattr(rope, attr):
+            raise PolicyConfigError(
+                f"--kv-policy streaming-sink: layer {name} uses {type(rope).__name__}, "
+                f"which is not a standard rotary embedding")
+    table_len = rope.cos_sin_cache.shape[0]
+    policy.check_rotary_table(table_len, f"layer {name}")
+    table = rope._compute_cos_sin_cache().to(torch.float64)  # float32 before the dtype cast
+    half = rope.rotary_dim // 2
+    cos, sin = table[:, :half], table[:, half:]
+    inv_freq = torch.atan2(sin[1], cos[1])
+    scale = torch.hypot(cos[1], sin[1])
+    p = torch.tensor([0.0, policy.max_position], dtype=torch.float64)
+    ang = p[:, None] * inv_freq
+    err = max((cos[[0, policy.max_position]] - scale * ang.cos()).abs().max().item(),
+              (sin[[0, policy.max_position]] - scale * ang.sin()).abs().max().item())
+    if not math.isfinite(err) or err > 1e-3:
+        raise PolicyConfigError(
+            f"--kv-policy streaming-sink: the rotary embedding of layer {name} "
+            f"({type(rope).__name__}) is not a rotation linear in the position; not supported")
+    return RotaryParams(inv_freq.float(), rope.rotary_dim, bool(rope.is_neox_style))
+
+
+def remap_positions(rope: torch.nn.Module, policy: SinkPolicy) -> None:
+    """Make ``rope`` rotate at ``pos(t)`` (idempotent; rotary modules are shared)."""
+    if getattr(rope, "_streaming_sink_policy", None) == policy:
+        return
+    original = rope.forward
+
+    def forward(positions, *args, **kwargs):
+        return original(policy.cache_position(positions), *args, **kwargs)
+
+    rope.forward = forward
+    rope._streaming_sink_policy = policy
+
+
+def install(model: torch.nn.Module, impl_cls: type, attention_cls: type) -> int:
+    """Wire every ``attention_cls`` layer whose impl is ``impl_cls`` to the rotary
+    module beside it. Returns how many layers were wired."""
+    wired: set[int] = set()
+    for parent_name, parent in model.named_modules():
+        rope = getattr(parent, "rotary_emb", None)
+        if not isinstance(rope, torch.nn.Module):
+            continue
+        for child_name, child in parent.named_children():
+            if isinstance(child, attention_cls) and isinstance(child.impl, impl_cls):
+                name = f"{parent_name}.{child_name}"
+                child.impl.rope = rotary_params(rope, child.impl.policy, name)
+                remap_positions(rope, child.impl.policy)
+                wired.add(id(child))
+    missing = [name for name, m in model.named_modules()
+               if isinstance(m, attention_cls) and isinstance(m.impl, impl_cls) and id(m) not in wired]
+    if missing:
+        raise PolicyConfigError(
+            f"--kv-policy streaming-sink needs RoPE attention; no rotary embedding found "
+            f"next to {len(missing)} attention layer(s), e.g. {missing[0]}")
+    return len(wired)
