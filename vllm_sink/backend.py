@@ -40,6 +40,9 @@ def _current_policy() -> SinkPolicy:
 
 
 class StreamingSinkAttentionBackend(AttentionBackend):
+    # vLLM asks customize_spec() for the layer specs outside any config
+    # context; the model-load hook (hooks.py) sets the engine's policy here.
+    policy: ClassVar[SinkPolicy | None] = None
     forward_includes_kv_cache_update: bool = False
     supported_dtypes: ClassVar[list[torch.dtype]] = [torch.float16, torch.bfloat16, torch.float32]
     supported_kv_cache_dtypes: ClassVar[list] = ["auto"]
@@ -78,7 +81,9 @@ class StreamingSinkAttentionBackend(AttentionBackend):
         sliding window (e.g. GPT-OSS) stays a plain sliding-window layer."""
         if isinstance(spec, SlidingWindowSpec) or not isinstance(spec, FullAttentionSpec):
             return spec
-        policy = _current_policy()
+        policy = cls.policy
+        if policy is None:
+            raise RuntimeError("streaming-sink: KV spec requested before the model was loaded")
         if spec.block_size != policy.block_size:
             raise PolicyConfigError(
                 f"KV block size {spec.block_size} differs from the policy's {policy.block_size}")
@@ -99,6 +104,9 @@ class StreamingSinkMetadata:
 
 
 class StreamingSinkMetadataBuilder(AttentionMetadataBuilder[StreamingSinkMetadata]):
+    def __init__(self, kv_cache_spec, layer_names, vllm_config, device) -> None:
+        super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
               fast_build: bool = False) -> StreamingSinkMetadata:
         m = common_attn_metadata

@@ -114,6 +114,8 @@ def _install_flags() -> None:
         opts = sink_config.settings(self.additional_config)
         if opts is None:
             return original_create(self, *args, **kwargs)
+        # Also validates settings given as additional_config={"streaming_sink": {...}}.
+        opts = sink_config.requested(opts.get("kv_policy"), opts.get("sink_tokens"), opts.get("sink_window"))
         return _create_streaming_config(self, original_create, opts, *args, **kwargs)
 
     EngineArgs.create_engine_config = create_engine_config
@@ -271,8 +273,9 @@ def _after_load(load_model):
             from vllm.model_executor.layers.attention import Attention
 
             from . import rope_remap
-            from .backend import StreamingSinkAttentionImpl
+            from .backend import StreamingSinkAttentionBackend, StreamingSinkAttentionImpl
 
+            StreamingSinkAttentionBackend.policy = policy
             n = rope_remap.install(self.get_model(), StreamingSinkAttentionImpl, Attention)
             logger.info("streaming-sink: %d attention layers use positions inside the cache", n)
         return result
