@@ -1,0 +1,167 @@
+"""The real vLLM engine (CPU build) with --kv-policy streaming-sink, against the oracle.
+
+Tiny random Llama: max_position_embeddings 256, block 32, S=4, W=128, so the
+dense regime ends at token 192 and every stream here is 8-16x the context.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from oracle import OracleLlama
+from vllm_helpers import BS, S, W, SamplingParams, free_blocks, live_blocks, make_llm, \
+    oracle_token_logprobs, prompt_logprobs, random_ids
+
+from streaming_sink.policy import PolicyConfigError, SinkPolicy
+
+CONTEXT = 256
+POLICY = SinkPolicy(S, W, BS)
+TOL = 2e-4  # float32 engine vs float64 oracle, logprobs
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_llama):
+    engine = make_llm(tiny_llama)
+    yield engine
+    del engine
+
+
+@pytest.fixture(scope="module")
+def oracle(tiny_llama):
+    return OracleLlama(tiny_llama, sink_tokens=S, window_tokens=W, block_size=BS)
+
+
+def test_teacher_forced_prompt_logprobs_match_oracle(llm, oracle, tiny_llama):
+    # 8x the context in chunks of 200 tokens: chunk edges fall inside blocks
+    # and one chunk crosses the dense->streaming switch at token 192.
+    ids = random_ids(8 * CONTEXT, seed=1)
+    got = prompt_logprobs(llm, ids)
+    want = oracle_token_logprobs(oracle, ids)
+    diff = (got - want).abs()
+    assert diff.max().item() < TOL, f"max |engine - oracle| = {diff.max():.3g} at token {diff.argmax() + 1}"
+    # The streaming regime really differs from dense attention (not a vacuous match).
+    dense = OracleLlama(tiny_llama, sink_tokens=None)
+    tail = slice(POLICY.dense_tokens, CONTEXT - 1)
+    assert (oracle_token_logprobs(dense, ids[:CONTEXT])[tail] - want[tail]).abs().max() > 1e-2
+
+
+def test_batched_greedy_decode_matches_oracle(llm, oracle):
+    prompts = [random_ids(n, seed=10 + n) for n in (37, 300, 700)]
+    n_new = 16 * CONTEXT
+    params = SamplingParams(max_tokens=n_new, temperature=0, ignore_eos=True, logprobs=0)
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    for prompt, out in zip(prompts, outs):
+        gen = list(out.outputs[0].token_ids)
+        assert len(gen) == n_new
+        got = torch.tensor([lp[t].logprob for lp, t in zip(out.outputs[0].logprobs, gen)], dtype=torch.float64)
+        full = prompt + gen
+        lp = oracle.logprobs(full)[len(prompt) - 1:-1]  # predictions of the generated tokens
+        want = lp.gather(1, torch.tensor(gen)[:, None]).squeeze(1)
+        diff = (got - want).abs()
+        assert diff.max().item() < TOL, f"prompt {len(prompt)}: max diff {diff.max():.3g} at step {diff.argmax()}"
+        # Greedy: each generated token is the oracle's argmax, up to float near-ties.
+        top2 = lp.topk(2, dim=1).values
+        clear = (top2[:, 0] - top2[:, 1]) > 1e-3
+        assert torch.equal(lp.argmax(1)[clear], torch.tensor(gen)[clear])
+
+
+def test_below_the_window_equals_policy_off(tiny_llama, llm):
+    stock = make_llm(tiny_llama, policy=False)
+    prompts = [random_ids(n, seed=20 + n) for n in (5, 64, 120)]
+    params = SamplingParams(max_tokens=POLICY.dense_tokens - 121, temperature=0, ignore_eos=True, logprobs=0)
+    ours = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    theirs = stock.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    for a, b in zip(ours, theirs):
+        assert list(a.outputs[0].token_ids) == list(b.outputs[0].token_ids)
+        la = [d[t].logprob for d, t in zip(a.outputs[0].logprobs, a.outputs[0].token_ids)]
+        lb = [d[t].logprob for d, t in zip(b.outputs[0].logprobs, b.outputs[0].token_ids)]
+        assert max(abs(x - y) for x, y in zip(la, lb)) < TOL
+    del stock
+
+
+def _run_stepwise(llm, requests: dict[str, tuple[list[int], int]], abort_at: dict[str, int] | None = None):
+    """Step the engine, recording the most blocks any request held."""
+    engine = llm.llm_engine
+    for rid, (prompt, n) in requests.items():
+        engine.add_request(rid, {"prompt_token_ids": prompt},
+                           SamplingParams(max_tokens=n, temperature=0, ignore_eos=True))
+    peak, produced, steps = 0, {rid: 0 for rid in requests}, 0
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            produced[out.request_id] = len(out.outputs[0].token_ids)
+        steps += 1
+        peak = max([peak, *live_blocks(llm).values()])
+        for rid, at in (abort_at or {}).items():
+            if produced.get(rid, 0) >= at:
+                engine.abort_request([rid])
+                abort_at = {k: v for k, v in abort_at.items() if k != rid}
+                break
+    return peak, produced
+
+
+def test_live_blocks_bounded_and_all_returned(llm):
+    start = free_blocks(llm)
+    bound = POLICY.max_live_blocks(200)  # max_num_batched_tokens = 200
+    requests = {f"r{n}": (random_ids(n, seed=n), 6 * CONTEXT) for n in (10, 450, 1300)}
+    peak, produced = _run_stepwise(llm, requests)
+    assert all(produced[r] == 6 * CONTEXT for r in requests)
+    # Without recycling a 2800-token stream would hold 88 blocks.
+    assert POLICY.sink_blocks + POLICY.window_blocks < peak <= bound
+    assert free_blocks(llm) == start
+
+
+def test_abort_mid_stream_returns_every_block(llm):
+    start = free_blocks(llm)
+    requests = {"keep": (random_ids(50, seed=3), 3 * CONTEXT), "drop": (random_ids(900, seed=4), 8 * CONTEXT)}
+    peak, produced = _run_stepwise(llm, requests, abort_at={"drop": 2 * CONTEXT})
+    assert produced["keep"] == 3 * CONTEXT
+    assert 2 * CONTEXT <= produced["drop"] < 8 * CONTEXT
+    assert peak <= POLICY.max_live_blocks(200)
+    assert free_blocks(llm) == start
+
+
+# ---- refusals at startup, each naming its flag ------------------------------
+
+@pytest.mark.parametrize("kwargs, flag", [
+    (dict(sink_tokens=-1), "--sink-tokens"),
+    (dict(sink_window=100), "--sink-window"),   # not a multiple of block 32
+    (dict(sink_window=0), "--sink-window"),
+    (dict(sink_window=256), "--sink-window"),   # 4 + 256 exceeds the 256-position rotary table
+    (dict(kv_policy="evict-everything"), "--kv-policy"),
+    (dict(kv_cache_dtype="fp8"), "--kv-cache-dtype"),
+    (dict(enable_chunked_prefill=False), "chunked-prefill"),
+])
+def test_bad_config_refused_at_startup(tiny_llama, kwargs, flag):
+    args = dict(kv_policy="streaming-sink", sink_tokens=S, sink_window=W)
+    args.update(kwargs)
+    with pytest.raises(PolicyConfigError, match=flag):
+        make_llm(tiny_llama, policy=False, **args)
+
+
+def test_model_without_rope_refused(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from tiny_models import build_tiny_llama
+
+    path = tmp_path / "gpt2"
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=64, n_head=2, n_positions=256, vocab_size=384)).save_pretrained(path)
+    tok = tmp_path / "tok"
+    build_tiny_llama(tok)  # borrow its tokenizer files
+    for f in tok.iterdir():
+        if f.name.startswith("tokenizer") or f.name == "special_tokens_map.json":
+            (path / f.name).write_bytes(f.read_bytes())
+    with pytest.raises(PolicyConfigError, match="RoPE"):
+        make_llm(str(path), block_size=BS)
+
+
+def test_policy_off_changes_nothing(tiny_llama):
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+    stock = make_llm(tiny_llama, policy=False)
+    config = stock.llm_engine.vllm_config
+    assert "streaming_sink" not in (config.additional_config or {})
+    assert config.attention_config.backend != AttentionBackendEnum.CUSTOM
+    layer = next(iter(config.compilation_config.static_forward_context.values()))
+    assert type(layer.impl).__module__.startswith("vllm.")
+    del stock

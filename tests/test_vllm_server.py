@@ -1,0 +1,130 @@
+"""The real OpenAI-compatible vLLM server on 127.0.0.1 with --kv-policy streaming-sink.
+
+Multi-process, as users run it (engine core + worker in their own processes,
+our plugin loaded by vLLM's entry point in each of them).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import requests
+
+CONTEXT = 256
+SERVER = [sys.executable, "-m", "vllm.entrypoints.openai.api_server"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env() -> dict:
+    env = dict(os.environ)
+    env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)  # the multi-process path
+    return env
+
+
+@pytest.fixture(scope="module")
+def server(tiny_llama, tmp_path_factory):
+    port = _free_port()
+    log = tmp_path_factory.mktemp("server") / "server.log"
+    cmd = SERVER + ["--model", tiny_llama, "--host", "127.0.0.1", "--port", str(port),
+                    "--kv-policy", "streaming-sink", "--sink-tokens", "4", "--sink-window", "128",
+                    "--block-size", "32", "--max-model-len", "16384", "--dtype", "float32",
+                    "--max-num-batched-tokens", "256"]
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=_env())
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline:
+            if proc.poll() is not None:
+                pytest.fail(f"server exited {proc.returncode}:\n{log.read_text()[-4000:]}")
+            try:
+                if requests.get(base + "/health", timeout=2).status_code == 200:
+                    break
+            except requests.ConnectionError:
+                pass
+            time.sleep(1)
+        else:
+            pytest.fail(f"server not healthy in 240 s:\n{log.read_text()[-4000:]}")
+        yield base, log
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def _model(base: str) -> str:
+    return requests.get(base + "/v1/models", timeout=10).json()["data"][0]["id"]
+
+
+def test_streamed_completion_four_times_past_the_context(server):
+    base, log = server
+    body = {"model": _model(base), "prompt": "Once upon a time", "max_tokens": 4 * CONTEXT,
+            "temperature": 0, "ignore_eos": True, "stream": True,
+            "stream_options": {"include_usage": True}}
+    chunks, usage, finish = 0, None, None
+    with requests.post(base + "/v1/completions", json=body, stream=True, timeout=600) as r:
+        assert r.status_code == 200, r.text
+        for line in r.iter_lines():
+            if not line.startswith(b"data: ") or line == b"data: [DONE]":
+                continue
+            event = json.loads(line[6:])
+            if event.get("usage"):
+                usage = event["usage"]
+            for choice in event.get("choices", []):
+                chunks += bool(choice.get("text"))
+                finish = choice.get("finish_reason") or finish
+    assert finish == "length"
+    assert usage["completion_tokens"] == 4 * CONTEXT
+    assert usage["prompt_tokens"] + usage["completion_tokens"] > 4 * CONTEXT
+    assert chunks > CONTEXT  # it really streamed
+    assert "streaming-sink: 4 sink tokens" in log.read_text()
+
+
+def test_concurrent_requests(server):
+    base, _ = server
+    model = _model(base)
+    results: dict[int, dict] = {}
+
+    def ask(i: int) -> None:
+        body = {"model": model, "prompt": [1] + list(range(3 + i, 3 + i + 40 * (i + 1))),
+                "max_tokens": 2 * CONTEXT + 17 * i, "temperature": 0, "ignore_eos": True}
+        results[i] = requests.post(base + "/v1/completions", json=body, timeout=600).json()
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i in range(4):
+        assert results[i]["usage"]["completion_tokens"] == 2 * CONTEXT + 17 * i, results[i]
+    # Same request alone gives the same greedy tokens as under concurrency.
+    again = requests.post(base + "/v1/completions", json={
+        "model": model, "prompt": [1] + list(range(3, 43)), "max_tokens": 2 * CONTEXT,
+        "temperature": 0, "ignore_eos": True}, timeout=600).json()
+    assert again["choices"][0]["text"] == results[0]["choices"][0]["text"]
+
+
+def test_cli_flags_in_help_and_bad_values_refused(tiny_llama):
+    help_text = subprocess.run(SERVER + ["--help=streaming-sink"], capture_output=True, text=True,
+                               env=_env(), timeout=120).stdout
+    for flag in ("--kv-policy", "--sink-tokens", "--sink-window"):
+        assert flag in help_text
+    bad = subprocess.run(SERVER + ["--model", tiny_llama, "--kv-policy", "streaming-sink",
+                                   "--block-size", "32", "--sink-window", "100", "--port", str(_free_port())],
+                         capture_output=True, text=True, env=_env(), timeout=180)
+    assert bad.returncode != 0
+    assert "--sink-window must be a positive multiple of the KV block size (32)" in bad.stdout + bad.stderr

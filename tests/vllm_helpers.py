@@ -1,0 +1,70 @@
+"""Drive the real vLLM engine in-process and read its own KV manager.
+
+``VLLM_ENABLE_V1_MULTIPROCESSING=0`` runs engine core + worker in this process,
+so tests can read the scheduler's block pool and per-request block lists (the
+server tests cover the multi-process path users run).
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+
+import torch  # noqa: E402
+
+import vllm_sink  # noqa: E402,F401  (registers LLM(kv_policy=...) keywords)
+from vllm import LLM, SamplingParams  # noqa: E402
+
+S, W, BS = 4, 128, 32  # policy used across the engine tests (dense regime: 192 tokens)
+
+
+def make_llm(model: str, policy: bool = True, **kwargs) -> LLM:
+    args = dict(model=model, block_size=BS, dtype="float32", max_num_batched_tokens=200, seed=0)
+    if policy:  # the stream may be far longer than the model's context
+        args.update(kv_policy="streaming-sink", sink_tokens=S, sink_window=W, max_model_len=8192)
+    args.update(kwargs)
+    return LLM(**args)
+
+
+def random_ids(n: int, seed: int, vocab: int = 384) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, vocab, (n,), generator=g).tolist()
+
+
+def prompt_logprobs(llm: LLM, ids: list[int]) -> torch.Tensor:
+    """log p(ids[i] | ids[:i]) for i >= 1, teacher-forced through the engine."""
+    out = llm.generate([{"prompt_token_ids": ids}],
+                       SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0),
+                       use_tqdm=False)
+    plp = out[0].prompt_logprobs
+    return torch.tensor([plp[i][ids[i]].logprob for i in range(1, len(ids))], dtype=torch.float64)
+
+
+def oracle_token_logprobs(oracle, ids: list[int]) -> torch.Tensor:
+    """The oracle's log p(ids[i] | ids[:i]) for i >= 1."""
+    lp = oracle.logprobs(ids)
+    return lp[:-1].gather(1, torch.tensor(ids[1:])[:, None]).squeeze(1).to(torch.float64)
+
+
+# ---- the engine's own KV bookkeeping --------------------------------------
+
+def engine_core(llm: LLM):
+    return llm.llm_engine.engine_core.engine_core
+
+
+def kv_manager(llm: LLM):
+    return engine_core(llm).scheduler.kv_cache_manager
+
+
+def free_blocks(llm: LLM) -> int:
+    return kv_manager(llm).block_pool.get_num_free_blocks()
+
+
+def live_blocks(llm: LLM) -> dict[str, int]:
+    """Blocks each running request holds (not counting recycled null slots)."""
+    counts: dict[str, int] = {}
+    for manager in kv_manager(llm).coordinator.single_type_managers:
+        for req_id, blocks in manager.req_to_blocks.items():
+            counts[req_id] = counts.get(req_id, 0) + sum(not b.is_null for b in blocks)
+    return counts
