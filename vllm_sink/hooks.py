@@ -28,7 +28,8 @@ from streaming_sink.policy import PolicyConfigError, SinkPolicy
 
 from . import config as sink_config
 
-logger = logging.getLogger("vllm_sink")
+# A child of "vllm" so our lines go through vLLM's own log handlers and format.
+logger = logging.getLogger("vllm.streaming_sink")
 
 CHECKED_VLLM_VERSIONS = ("0.32.0", "0.33.0")
 _FLAGS = ("kv_policy", "sink_tokens", "sink_window")
