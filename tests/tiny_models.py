@@ -1,0 +1,152 @@
+"""A tiny random Llama (HF folder) that vLLM, SGLang and transformers load offline.
+
+``build_tiny_llama(path)`` writes ``config.json``, ``generation_config.json``,
+``model.safetensors`` (float32) and a byte-level BPE tokenizer
+(``tokenizer.json`` + ``tokenizer_config.json``) into ``path``.
+
+Default shape: 2 layers, hidden 128, 4 query heads / 2 KV heads (head_dim 32),
+SwiGLU 256, vocab 384, ``max_position_embeddings`` 256, ``rope_theta`` 10000,
+untied embeddings. The query/key projections are scaled up so attention is
+clearly peaked (a random 0.02-std init gives near-uniform attention, which
+would hide position bugs), and the LM head is scaled so next-token
+distributions are not flat (fewer near-ties for greedy decoding).
+
+Tokenizer: ids 0..2 are ``<unk>``, ``<s>`` (bos), ``</s>`` (eos); 3..258 are the
+256 byte-level symbols, so *any* text encodes; the rest are BPE merges learnt
+from a fixed built-in text. Encoding prepends ``<s>`` (like Llama tokenizers).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+VOCAB_SIZE = 384
+UNK_ID, BOS_ID, EOS_ID = 0, 1, 2
+SPECIAL_TOKENS = ["<unk>", "<s>", "</s>"]
+
+TINY_LLAMA_CONFIG = dict(
+    vocab_size=VOCAB_SIZE,
+    hidden_size=128,
+    intermediate_size=256,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=32,
+    max_position_embeddings=256,
+    rope_theta=10000.0,
+    rms_norm_eps=1e-5,
+    tie_word_embeddings=False,
+    bos_token_id=BOS_ID,
+    eos_token_id=EOS_ID,
+)
+
+# Weight scales (std of the normal init) chosen for peaked attention/logits.
+QK_STD = 0.12  # 6x the usual 0.02
+LM_HEAD_STD = 0.25
+VO_STD = 0.15  # attention output comparable to the embedding: history matters
+
+_CORPUS = """\
+The quick brown fox jumps over the lazy dog. Attention sinks keep the first tokens
+of a stream in the cache forever, and a sliding window keeps the most recent ones.
+In the beginning was the word, and the word was with the model, and the model
+streamed on and on, far past the end of its context window, without forgetting how
+to speak. Once upon a time there was a small language model that lived in a cache
+of blocks; every block held sixteen or thirty-two tokens, and when the window moved
+on, the old blocks went back to the pool. 0123456789 + - * / = ( ) [ ] { } < > " ' ,
+def main(): return sum(x * x for x in range(10))  # numbers, code and prose
+"""
+
+
+def build_tokenizer(path: str | os.PathLike, vocab_size: int = VOCAB_SIZE):
+    """Train (deterministically) and save a byte-level BPE tokenizer; returns it."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token=None, fuse_unk=False, byte_fallback=False))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        min_frequency=1,
+        show_progress=False,
+    )
+    tok.train_from_iterator([_CORPUS] * 4, trainer=trainer)
+    # Top up with unused placeholder tokens if the corpus ran out of merges.
+    while tok.get_vocab_size() < vocab_size:
+        tok.add_tokens([f"<extra_{tok.get_vocab_size()}>"])
+    assert tok.get_vocab_size() == vocab_size, tok.get_vocab_size()
+    assert [tok.token_to_id(t) for t in SPECIAL_TOKENS] == [UNK_ID, BOS_ID, EOS_ID]
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", BOS_ID)])
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+        model_max_length=TINY_LLAMA_CONFIG["max_position_embeddings"])
+    fast.save_pretrained(str(path))
+    # The class name older transformers (4.x, e.g. an SGLang venv) also know.
+    cfg_path = Path(path) / "tokenizer_config.json"
+    data = json.loads(cfg_path.read_text())
+    data["tokenizer_class"] = "PreTrainedTokenizerFast"
+    cfg_path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    return fast
+
+
+def build_tiny_llama(path: str | os.PathLike, seed: int = 0, **overrides) -> str:
+    """Write a tiny random ``LlamaForCausalLM`` folder at ``path``; returns ``str(path)``.
+
+    ``overrides`` replace entries of ``TINY_LLAMA_CONFIG`` (e.g. ``num_hidden_layers=1``,
+    ``tie_word_embeddings=True``, ``max_position_embeddings=128``), plus the special
+    keys ``qk_std`` and ``lm_head_std``.
+    """
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    qk_std = overrides.pop("qk_std", QK_STD)
+    lm_head_std = overrides.pop("lm_head_std", LM_HEAD_STD)
+    vo_std = overrides.pop("vo_std", VO_STD)
+    cfg = {**TINY_LLAMA_CONFIG, **overrides}
+    theta = cfg.pop("rope_theta")
+    config = LlamaConfig(**cfg, rope_parameters={"rope_type": "default", "rope_theta": theta},
+                         dtype="float32", architectures=["LlamaForCausalLM"])
+    g = torch.Generator().manual_seed(seed)
+
+    def normal(shape, std):
+        return torch.randn(shape, generator=g, dtype=torch.float32) * std
+
+    model = LlamaForCausalLM(config).float()
+    with torch.no_grad():
+        for name, p in model.named_parameters():  # named_parameters order is deterministic
+            if name.endswith("norm.weight"):
+                p.copy_(1.0 + normal(p.shape, 0.1))
+            elif name.endswith(("q_proj.weight", "k_proj.weight")):
+                p.copy_(normal(p.shape, qk_std))
+            elif name.endswith(("v_proj.weight", "o_proj.weight")):
+                p.copy_(normal(p.shape, vo_std))
+            elif name == "lm_head.weight":
+                p.copy_(normal(p.shape, lm_head_std))
+            elif name.endswith("embed_tokens.weight"):
+                p.copy_(normal(p.shape, lm_head_std if config.tie_word_embeddings else 1.0))
+            elif name.endswith("bias"):
+                p.copy_(normal(p.shape, 0.02))
+            else:
+                p.copy_(normal(p.shape, 0.04))
+    model.save_pretrained(str(path), safe_serialization=True)
+    build_tokenizer(path, config.vocab_size)
+    # A plain, explicit rope_theta too: older readers (and our oracle) look for it.
+    cfg_path = path / "config.json"
+    data = json.loads(cfg_path.read_text())
+    data.setdefault("rope_theta", theta)
+    cfg_path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    return str(path)
+
+
+if __name__ == "__main__":  # python tests/tiny_models.py /tmp/tiny-llama
+    import sys
+
+    print(build_tiny_llama(sys.argv[1] if len(sys.argv) > 1 else "/tmp/tiny-llama"))
