@@ -114,4 +114,7 @@ def _block_group(q, t, j, k_cache, v_cache, table, scale, policy, rope, sinks, s
     p = torch.softmax(s, dim=-1)
     if sinks is not None:
         p = p[..., :-1]
-    return torch.einsum("qhn,nhd->qhd", p, v.flatten(0, 1))
+    # Slots no query attends (a block's unwritten tail) may hold anything, NaN
+    # included: 0 * NaN would leak into the output, so drop them from v.
+    v = torch.where(mask.any(0)[:, None, None], v.flatten(0, 1), 0.0)
+    return torch.einsum("qhn,nhd->qhd", p, v)

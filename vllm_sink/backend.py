@@ -167,18 +167,14 @@ class StreamingSinkAttentionImpl(AttentionImpl):
         k_cache = kv_cache[..., :d].transpose(1, 2)  # [blocks, block_size, kv_heads, D]
         v_cache = kv_cache[..., d:].transpose(1, 2)
         out = output[:n].view(n, self.num_heads, d)
-        attend = _attention_kernel(query.device)
-        attend(query[:n].view(n, self.num_heads, d), k_cache, v_cache, attn_metadata.block_table,
-               attn_metadata.query_start_loc, attn_metadata.seq_lens, self.scale,
-               policy=self.policy, rope=self.rope, sinks=self.sinks,
-               sliding_window=self.sliding_window, out=out)
+        args = (query[:n].view(n, self.num_heads, d), k_cache, v_cache, attn_metadata.block_table,
+                attn_metadata.query_start_loc, attn_metadata.seq_lens, self.scale)
+        kwargs = dict(policy=self.policy, rope=self.rope, sinks=self.sinks,
+                      sliding_window=self.sliding_window, out=out)
+        if query.is_cuda:  # the GPU kernel slot: Triton kernels of the core
+            from streaming_sink.triton_attention import paged_attention
+
+            paged_attention(*args, **kwargs, max_query_len=attn_metadata.max_query_len)
+        else:
+            paged_attention_ref(*args, **kwargs)
         return output
-
-
-def _attention_kernel(device: torch.device):
-    """The GPU kernel slot: Triton on CUDA, the torch reference elsewhere."""
-    if device.type == "cuda":
-        from streaming_sink.triton_attention import paged_sink_attention
-
-        return paged_sink_attention
-    return paged_attention_ref
