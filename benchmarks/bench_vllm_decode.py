@@ -1,11 +1,12 @@
 """Decode tokens/s and live KV blocks per request: --kv-policy streaming-sink vs stock vLLM.
 
-Same process, same model, same requests. Stream lengths are 1x, 4x and 16x the
-window; stock vLLM runs each one that fits its max_model_len (the model's context)
-and is marked "n/a" past it. Live blocks are read from the engine's own KV manager
+Same process, same model, same requests; both engines stay up and their runs
+alternate (A, B, A, B, ...) so machine noise hits both alike. Stream lengths are
+1x, 4x and 16x the window; stock vLLM runs each one that fits its max_model_len
+(the model's context) and is marked "n/a" past it. Live blocks are read from the engine's own KV manager
 at the end of each stream. Prints a table (medians of --repeats runs).
 
-    .venv/bin/python benchmarks/bench_vllm_decode.py                    # tiny random Llama, 2048 context
+    .venv/bin/python benchmarks/bench_vllm_decode.py                    # tiny random Llama, 4096 context
     .venv/bin/python benchmarks/bench_vllm_decode.py --model PATH --window 1024 --block-size 128
 """
 
@@ -18,7 +19,7 @@ import sys
 import tempfile
 import time
 
-for k, v in dict(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", VLLM_CPU_KVCACHE_SPACE="2", VLLM_NO_USAGE_STATS="1",
+for k, v in dict(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", VLLM_CPU_KVCACHE_SPACE="1", VLLM_NO_USAGE_STATS="1",
                  DO_NOT_TRACK="1", VLLM_HOST_IP="127.0.0.1", VLLM_ENABLE_V1_MULTIPROCESSING="0").items():
     os.environ.setdefault(k, v)
 
@@ -54,7 +55,7 @@ def run(llm: LLM, batch: int, prompt_len: int, new_tokens: int, seed: int) -> tu
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", help="HF folder (default: a tiny random Llama with a 2048-token context)")
+    ap.add_argument("--model", help="HF folder (default: a tiny random Llama with a 4096-token context)")
     ap.add_argument("--window", type=int, default=128)
     ap.add_argument("--sink-tokens", type=int, default=4)
     ap.add_argument("--block-size", type=int, default=32)
@@ -67,7 +68,7 @@ def main() -> None:
         sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
         from tiny_models import build_tiny_llama
 
-        model = build_tiny_llama(os.path.join(tempfile.mkdtemp(), "tiny2k"), max_position_embeddings=2048)
+        model = build_tiny_llama(os.path.join(tempfile.mkdtemp(), "tiny4k"), max_position_embeddings=4096)
     import json
 
     context = json.load(open(os.path.join(model, "config.json")))["max_position_embeddings"]
@@ -76,22 +77,20 @@ def main() -> None:
     common = dict(model=model, block_size=args.block_size, dtype="float32", seed=0,
                   max_num_batched_tokens=max(256, args.batch * prompt_len))
     engines = {
-        "streaming-sink": lambda: LLM(**common, max_model_len=max(lengths) + prompt_len, kv_policy="streaming-sink",
-                                      sink_tokens=args.sink_tokens, sink_window=args.window),
-        "stock vLLM": lambda: LLM(**common, max_model_len=context),
+        "streaming-sink": LLM(**common, max_model_len=max(lengths) + prompt_len, kv_policy="streaming-sink",
+                              sink_tokens=args.sink_tokens, sink_window=args.window),
+        "stock vLLM": LLM(**common, max_model_len=context),
     }
-    rows = []
-    for name, make in engines.items():
-        llm = make()
-        limit = llm.llm_engine.vllm_config.model_config.max_model_len
-        for n in tqdm(lengths, desc=name):
-            if prompt_len + n > limit:
-                rows.append((name, n, None, None))
-                continue
-            runs = [run(llm, args.batch, prompt_len, n, seed=r) for r in range(args.repeats)]
-            rows.append((name, n, statistics.median(r[0] for r in runs), max(r[1] for r in runs)))
-        del llm
-
+    results = {(name, n): [] for name in engines for n in lengths}
+    with tqdm(total=len(lengths) * args.repeats * len(engines), desc="decode runs") as bar:
+        for n in lengths:
+            for r in range(args.repeats):
+                for name, llm in engines.items():
+                    if prompt_len + n <= llm.llm_engine.vllm_config.model_config.max_model_len:
+                        results[name, n].append(run(llm, args.batch, prompt_len, n, seed=r))
+                    bar.update()
+    rows = [(name, n, statistics.median(r[0] for r in runs) if runs else None,
+             max(r[1] for r in runs) if runs else None) for (name, n), runs in results.items()]
     print(f"\nmodel {model} (context {context}); window {args.window}, sinks {args.sink_tokens}, "
           f"block {args.block_size}, batch {args.batch}, median of {args.repeats}")
     print(f"{'engine':<16}{'stream':>8}{'x window':>10}{'decode tok/s':>15}{'live blocks/req':>17}")

@@ -155,7 +155,9 @@ def test_model_without_rope_refused(tmp_path):
         make_llm(str(path), block_size=BS)
 
 
-def test_policy_off_changes_nothing(tiny_llama):
+def test_policy_off_changes_nothing(tiny_llama, llm):
+    """A stock engine, built in a process that already runs a policy engine
+    (vLLM shares rotary modules between models), computes plain dense attention."""
     from vllm.v1.attention.backends.registry import AttentionBackendEnum
 
     stock = make_llm(tiny_llama, policy=False)
@@ -164,4 +166,8 @@ def test_policy_off_changes_nothing(tiny_llama):
     assert config.attention_config.backend != AttentionBackendEnum.CUSTOM
     layer = next(iter(config.compilation_config.static_forward_context.values()))
     assert type(layer.impl).__module__.startswith("vllm.")
+    ids = random_ids(CONTEXT - 1, seed=5)  # past the policy's dense region, within the context
+    want = oracle_token_logprobs(OracleLlama(tiny_llama, sink_tokens=None), ids)
+    assert (prompt_logprobs(stock, ids) - want).abs().max().item() < TOL
+    assert (prompt_logprobs(llm, ids) - want)[POLICY.dense_tokens:].abs().max().item() > 1e-2
     del stock

@@ -1,8 +1,8 @@
 """Positions inside the cache: feed the model's own RoPE ``pos(t)``.
 
 After vLLM builds the model, every rotary module that sits next to one of our
-attention layers gets its ``forward`` wrapped so it rotates at the cache
-position ``pos(t)`` of the contract instead of ``t`` (an elementwise function,
+attention layers is replaced, on that model only, by a wrapper that rotates at
+the cache position ``pos(t)`` of the contract instead of ``t`` (an elementwise function,
 so torch.compile traces it). The same walk hands each attention layer its
 rotary frequencies for the per-block query rotation, and refuses models whose
 attention has no RoPE or whose rotary table is too short for the window.
@@ -48,32 +48,45 @@ def rotary_params(rope: torch.nn.Module, policy: SinkPolicy, name: str) -> Rotar
     return RotaryParams(inv_freq.float(), rope.rotary_dim, bool(rope.is_neox_style))
 
 
-def remap_positions(rope: torch.nn.Module, policy: SinkPolicy) -> None:
-    """Make ``rope`` rotate at ``pos(t)`` (idempotent; rotary modules are shared)."""
-    if getattr(rope, "_streaming_sink_policy", None) == policy:
-        return
-    original = rope.forward
+class CachePositionRope(torch.nn.Module):
+    """The model's rotary module, fed ``pos(t)`` instead of ``t``.
 
-    def forward(positions, *args, **kwargs):
-        return original(policy.cache_position(positions), *args, **kwargs)
+    A wrapper, not a patch: vLLM shares rotary modules between models of one
+    process (``get_rope`` caches them), so the original must stay untouched
+    for any other engine. Attribute reads fall through to the original.
+    """
 
-    rope.forward = forward
-    rope._streaming_sink_policy = policy
+    def __init__(self, rope: torch.nn.Module, policy: SinkPolicy) -> None:
+        super().__init__()
+        self.rope = rope
+        self.policy = policy
+
+    def forward(self, positions, *args, **kwargs):
+        return self.rope(self.policy.cache_position(positions), *args, **kwargs)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(super().__getattr__("rope"), name)
 
 
 def install(model: torch.nn.Module, impl_cls: type, attention_cls: type) -> int:
     """Wire every ``attention_cls`` layer whose impl is ``impl_cls`` to the rotary
     module beside it. Returns how many layers were wired."""
     wired: set[int] = set()
-    for parent_name, parent in model.named_modules():
+    wrappers: dict[int, CachePositionRope] = {}  # one wrapper per shared rotary module
+    for parent_name, parent in list(model.named_modules()):
         rope = getattr(parent, "rotary_emb", None)
         if not isinstance(rope, torch.nn.Module):
             continue
         for child_name, child in parent.named_children():
             if isinstance(child, attention_cls) and isinstance(child.impl, impl_cls):
-                name = f"{parent_name}.{child_name}"
-                child.impl.rope = rotary_params(rope, child.impl.policy, name)
-                remap_positions(rope, child.impl.policy)
+                policy = child.impl.policy
+                child.impl.rope = rotary_params(rope, policy, f"{parent_name}.{child_name}")
+                if not isinstance(rope, CachePositionRope):
+                    rope = wrappers.setdefault(id(rope), CachePositionRope(rope, policy))
+                    parent.rotary_emb = rope
                 wired.add(id(child))
     missing = [name for name, m in model.named_modules()
                if isinstance(m, attention_cls) and isinstance(m.impl, impl_cls) and id(m) not in wired]
