@@ -31,7 +31,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_healthy(base: str, proc: subprocess.Popen, log_path: str, timeout: float = 300) -> None:
+def wait_healthy(base: str, proc: subprocess.Popen, log_path: str, timeout: float = 900) -> None:
     start = time.time()
     while time.time() - start < timeout:
         if proc.poll() is not None:
@@ -61,6 +61,8 @@ def main() -> None:
     ap.add_argument("--sink-tokens", type=int, default=4)
     ap.add_argument("--sink-window", type=int, default=1024, help="window tokens (multiple of the block size)")
     ap.add_argument("--max-model-len", type=int, default=65536)
+    ap.add_argument("--enforce-eager", action="store_true",
+                    help="skip torch.compile: the server starts in seconds instead of minutes on CPU")
     args = ap.parse_args()
 
     from streaming_sink import prepare
@@ -82,7 +84,7 @@ def main() -> None:
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model,
            "--host", "127.0.0.1", "--port", str(port), "--max-model-len", str(args.max_model_len),
            "--kv-policy", "streaming-sink", "--sink-tokens", str(args.sink_tokens),
-           "--sink-window", str(args.sink_window)]
+           "--sink-window", str(args.sink_window)] + (["--enforce-eager"] if args.enforce_eager else [])
     env = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1",
            "DO_NOT_TRACK": "1", "VLLM_HOST_IP": "127.0.0.1", "VLLM_CPU_KVCACHE_SPACE": "2", **os.environ}
     print("$ " + " ".join(cmd[1:]))
@@ -133,7 +135,10 @@ def main() -> None:
               f"and refuses prompts past {ctx})")
     finally:
         proc.terminate()
-        proc.wait(30)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
 
 
 if __name__ == "__main__":
