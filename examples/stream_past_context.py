@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import re
 import socket
 import subprocess
@@ -89,7 +90,8 @@ def main() -> None:
            "DO_NOT_TRACK": "1", "VLLM_HOST_IP": "127.0.0.1", "VLLM_CPU_KVCACHE_SPACE": "2", **os.environ}
     print("$ " + " ".join(cmd[1:]))
     with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                start_new_session=True)  # one group: cleanup reaches vLLM's workers
     try:
         wait_healthy(base, proc, log_path)
         peak = [0.0]
@@ -138,7 +140,7 @@ def main() -> None:
         try:
             proc.wait(30)
         except subprocess.TimeoutExpired:
-            proc.kill()
+            os.killpg(proc.pid, signal.SIGKILL)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -42,7 +43,8 @@ def server(tiny_llama, tmp_path_factory):
                     "--block-size", "32", "--max-model-len", "16384", "--dtype", "float32",
                     "--max-num-batched-tokens", "256"]
     with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=_env())
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=_env(),
+                                start_new_session=True)  # one group: cleanup reaches vLLM's workers
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + 240
@@ -63,7 +65,7 @@ def server(tiny_llama, tmp_path_factory):
         try:
             proc.wait(30)
         except subprocess.TimeoutExpired:
-            proc.kill()
+            os.killpg(proc.pid, signal.SIGKILL)
 
 
 def _model(base: str) -> str:
