@@ -213,7 +213,7 @@ def bucket_sums(nll: np.ndarray, bucket: int = BUCKET) -> tuple[list[float], lis
     """NLL sums and counts per bucket of absolute positions ``[b*bucket, (b+1)*bucket)``."""
     pos = np.arange(1, nll.size + 1)
     b = pos // bucket
-    sums = np.bincount(b, weights=nll).tolist()
+    sums = [round(x, 4) for x in np.bincount(b, weights=nll).tolist()]
     counts = np.bincount(b).astype(int).tolist()
     return sums, counts
 
@@ -320,6 +320,7 @@ def plot(results: list[dict], path: str | os.PathLike, context: int | None = Non
     caches = sorted({r["cache"] for r in results if r["sinks"] is not None}) or [None]
     fig, axes = plt.subplots(1, len(caches), figsize=(6.2 * len(caches), 4.8), sharey=True, squeeze=False)
     colors = {0: "tab:red", 1: "tab:orange", 2: "tab:olive", 4: "tab:green", 8: "tab:blue"}
+    widths = {0: 1.3, 1: 3.6, 2: 2.6, 4: 1.7, 8: 0.9}
     lo, hi, xmax = float("inf"), 0.0, 0
     for ax, cache in zip(axes[0], caches):
         group = dense + sorted((r for r in results if r["cache"] == cache and r["sinks"] is not None),
@@ -327,15 +328,17 @@ def plot(results: list[dict], path: str | os.PathLike, context: int | None = Non
         for r in group:
             x, y = _smoothed(r, smooth)
             lo, hi, xmax = min(lo, y.min()), max(hi, y.max()), max(xmax, int(x.max()))
-            style = dict(color="black", lw=2.2, ls="--", zorder=5) if r["sinks"] is None else \
-                dict(color=colors.get(r["sinks"]), lw=1.3)
+            # Sink curves may coincide: thinner lines on top keep every one visible.
+            style = dict(color="black", lw=2.0, ls="--", zorder=5) if r["sinks"] is None else \
+                dict(color=colors.get(r["sinks"]), lw=widths.get(r["sinks"], 1.0))
             ax.plot(x, y, label=r["label"], **style)
         ax.set_title(f"KV budget: {cache} token slots per request" if cache else "", fontsize=10)
         ax.set_xlabel("tokens processed (one prompt, teacher-forced)")
         ax.grid(True, which="major", alpha=0.3)
-        ax.legend(fontsize=8, loc="upper right")
+        ax.legend(fontsize=8, loc="upper right", ncol=2)
     for ax in axes[0]:
         ax.set_yscale("log")
+        ax.set_ylim(lo / 1.08, hi * 1.7)  # headroom for the legend
         ticks = [t for t in (5, 10, 15, 20, 25, 30, 40, 50, 70, 100, 150, 200, 300, 500, 1000, 2000, 5000)
                  if lo / 1.1 <= t <= hi * 1.1]
         ax.set_yticks(ticks)
@@ -351,7 +354,7 @@ def plot(results: list[dict], path: str | os.PathLike, context: int | None = Non
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
@@ -406,6 +409,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--replot", action="store_true", help="no engine: redraw --plot and print the tables from --out")
     args = ap.parse_args(argv)
 
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # the command line only: keep the progress bar readable
     if args.replot:
         data = json.loads(Path(args.out).read_text())
         report(data["results"], data["settings"], data["context"], args.plot)
