@@ -221,7 +221,8 @@ def bucket_sums(nll: np.ndarray, bucket: int = BUCKET) -> tuple[list[float], lis
 def ppl(result: dict, lo: int, hi: int) -> float | None:
     """Perplexity over predicted positions ``[lo, hi)`` (bucket-aligned), None if not all covered."""
     bucket, sums, counts = result["bucket"], result["nll_sums"], result["counts"]
-    # A stream of N tokens has N-1 predictions: "the first N tokens" needs hi <= N.
+    # The first N tokens hold N-1 predictions, so hi <= tokens. One token of slack lets the dense
+    # reference's prompt (max_model_len - 1 = 8191 tokens) stand for "the first 8k".
     if lo % bucket or hi % bucket or hi > result["tokens"] + 1:
         return None
     s = sum(sums[lo // bucket:hi // bucket])

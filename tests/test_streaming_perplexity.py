@@ -7,7 +7,7 @@ request (block 32): 4 sinks + a 256-token window, or a 288-token window alone.
 A mask emulation of the same setting (docs/streaming-perplexity.md) gave
 dense 22.2, window-only 46.8, 4 sinks + 256 window 25.1.
 
-~3 min on 2 CPU cores (one torch thread: see the benchmark's --threads).
+~2 min on 2 idle CPU cores, ~3.5 min on a busy one (one torch thread: see the benchmark's --threads).
 """
 
 from __future__ import annotations
