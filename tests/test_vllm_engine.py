@@ -28,6 +28,16 @@ def llm(tiny_llama):
 
 
 @pytest.fixture(scope="module")
+def stock(tiny_llama, llm):
+    """A policy-off engine in the same process, built after the policy engine.
+    Module-scoped on purpose: deleting an in-process vLLM engine tears down the
+    process-wide distributed state (EngineCore.shutdown), which would break `llm`."""
+    engine = make_llm(tiny_llama, policy=False)
+    yield engine
+    del engine
+
+
+@pytest.fixture(scope="module")
 def oracle(tiny_llama):
     return OracleLlama(tiny_llama, sink_tokens=S, window_tokens=W, block_size=BS)
 
@@ -66,8 +76,7 @@ def test_batched_greedy_decode_matches_oracle(llm, oracle):
         assert torch.equal(lp.argmax(1)[clear], torch.tensor(gen)[clear])
 
 
-def test_below_the_window_equals_policy_off(tiny_llama, llm):
-    stock = make_llm(tiny_llama, policy=False)
+def test_below_the_window_equals_policy_off(llm, stock):
     prompts = [random_ids(n, seed=20 + n) for n in (5, 64, 120)]
     params = SamplingParams(max_tokens=POLICY.dense_tokens - 121, temperature=0, ignore_eos=True, logprobs=0)
     ours = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
@@ -77,7 +86,6 @@ def test_below_the_window_equals_policy_off(tiny_llama, llm):
         la = [d[t].logprob for d, t in zip(a.outputs[0].logprobs, a.outputs[0].token_ids)]
         lb = [d[t].logprob for d, t in zip(b.outputs[0].logprobs, b.outputs[0].token_ids)]
         assert max(abs(x - y) for x, y in zip(la, lb)) < TOL
-    del stock
 
 
 def _run_stepwise(llm, requests: dict[str, tuple[list[int], int]], abort_at: dict[str, int] | None = None):
@@ -155,12 +163,11 @@ def test_model_without_rope_refused(tmp_path):
         make_llm(str(path), block_size=BS)
 
 
-def test_policy_off_changes_nothing(tiny_llama, llm):
+def test_policy_off_changes_nothing(tiny_llama, llm, stock):
     """A stock engine, built in a process that already runs a policy engine
     (vLLM shares rotary modules between models), computes plain dense attention."""
     from vllm.v1.attention.backends.registry import AttentionBackendEnum
 
-    stock = make_llm(tiny_llama, policy=False)
     config = stock.llm_engine.vllm_config
     assert "streaming_sink" not in (config.additional_config or {})
     assert config.attention_config.backend != AttentionBackendEnum.CUSTOM
@@ -170,4 +177,3 @@ def test_policy_off_changes_nothing(tiny_llama, llm):
     want = oracle_token_logprobs(OracleLlama(tiny_llama, sink_tokens=None), ids)
     assert (prompt_logprobs(stock, ids) - want).abs().max().item() < TOL
     assert (prompt_logprobs(llm, ids) - want)[POLICY.dense_tokens:].abs().max().item() > 1e-2
-    del stock
