@@ -228,3 +228,110 @@ def test_bad_policy_rejected(tiny_llama):
                dict(sink_tokens=4, window_tokens=0, block_size=16)):
         with pytest.raises(ValueError):
             OracleLlama(tiny_llama, **kw)
+
+
+# ---- GPT-OSS: the oracle extended (tests/oracle_gptoss.py) vs HF transformers ----
+GPTOSS_TOL = 5e-4  # HF keeps RMSNorm and RoPE angles in float32: ~2e-4 on this model
+
+
+@pytest.fixture(scope="module")
+def tiny_gptoss(tmp_path_factory):
+    from tiny_models import build_tiny_gptoss
+
+    return build_tiny_gptoss(tmp_path_factory.mktemp("tiny-gptoss"))
+
+
+def _hf_gptoss(path, dtype=torch.float64):
+    from transformers import GptOssForCausalLM
+
+    return GptOssForCausalLM.from_pretrained(path, dtype=dtype, experts_implementation="eager",
+                                             attn_implementation="eager").eval()
+
+
+@pytest.fixture
+def hf_all_float64(monkeypatch):
+    """HF GPT-OSS with its float32 islands (RMSNorm, RoPE angles) in float64: then
+    any difference from the oracle is a difference of definition, not rounding."""
+    from transformers.models.gpt_oss import modeling_gpt_oss as M
+
+    def norm(self, x):
+        return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon))
+
+    def rotary(self, x, position_ids):
+        f = position_ids[..., None].double() * self.inv_freq.double()
+        return (f.cos() * self.attention_scaling).to(x.dtype), (f.sin() * self.attention_scaling).to(x.dtype)
+
+    monkeypatch.setattr(M.GptOssRMSNorm, "forward", norm)
+    monkeypatch.setattr(M.GptOssRotaryEmbedding, "forward", rotary)
+
+
+def test_gptoss_yarn_matches_hf(tiny_gptoss):
+    from oracle_gptoss import OracleGptOss
+
+    hf = _hf_gptoss(tiny_gptoss).model.rotary_emb
+    o = OracleGptOss(tiny_gptoss)
+    assert hf.rope_type == "yarn"
+    torch.testing.assert_close(o.inv_freq, hf.inv_freq.double(), rtol=0, atol=0)
+    assert o.mscale == pytest.approx(hf.attention_scaling, abs=1e-15) and o.mscale > 1.1
+    # YaRN really rescales some frequencies (factor 4) and keeps the fastest one
+    base = 1.0 / 10000.0 ** (torch.arange(0, 32, 2, dtype=torch.float64) / 32)
+    assert float(o.inv_freq[0]) == pytest.approx(1.0)
+    assert float(o.inv_freq[-1]) == pytest.approx(float(base[-1]) / 4, rel=1e-6)
+
+
+@pytest.mark.parametrize("exact", [False, True])
+def test_gptoss_policy_off_equals_hf(tiny_gptoss, exact, request):
+    """Dense regime over the whole context (256 tokens, sliding window 32)."""
+    from oracle_gptoss import OracleGptOss
+
+    if exact:
+        request.getfixturevalue("hf_all_float64")
+    ids = [BOS_ID] + _random_ids(255, seed=21)
+    want = _hf_logprobs(_hf_gptoss(tiny_gptoss), ids)
+    got = OracleGptOss(tiny_gptoss).logprobs(ids)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-9 if exact else GPTOSS_TOL)
+    # and the policy's dense regime (t < 192) is the same model
+    o = OracleGptOss(tiny_gptoss, sink_tokens=4, window_tokens=128, block_size=32)
+    assert (o.logprobs(ids[:192]) - got[:192]).abs().max() < 1e-12
+
+
+def test_gptoss_features_are_live(tiny_gptoss):
+    """Not vacuous: the learned sinks, the expert clamp and the sliding window all
+    change this model's outputs."""
+    from oracle_gptoss import OracleGptOss
+
+    ids = _random_ids(128, seed=22)
+    ref = OracleGptOss(tiny_gptoss).logprobs(ids)
+    no_sinks = OracleGptOss(tiny_gptoss)
+    for L in no_sinks.layers:
+        L["sinks"] = torch.full_like(L["sinks"], -torch.inf)
+    no_clamp = OracleGptOss(tiny_gptoss)
+    no_clamp.limit = torch.inf
+    wide = OracleGptOss(tiny_gptoss)
+    wide.sliding_window = 10 ** 9
+    for other in (no_sinks, no_clamp, wide):
+        assert (other.logprobs(ids) - ref).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("layer_type", ["full_attention", "sliding_attention"])
+def test_gptoss_streaming_one_layer_equals_hf_on_kept_tokens(tmp_path, layer_type, request):
+    """One layer: the contract's output at ``t`` equals HF run on just the tokens the
+    layer attends, at positions 0..n-1. Full layer: sinks + block window (cache
+    positions). Sliding layer: its last 32 tokens only (true relative distances,
+    no sink tokens), long after the stream passed max_position_embeddings."""
+    from oracle_gptoss import OracleGptOss
+    from tiny_models import build_tiny_gptoss
+
+    request.getfixturevalue("hf_all_float64")
+    path = build_tiny_gptoss(tmp_path / layer_type, seed=3, num_hidden_layers=1, layer_types=[layer_type])
+    o = OracleGptOss(path, sink_tokens=4, window_tokens=64, block_size=32)  # dense t < 128
+    ids = _random_ids(700, seed=8)
+    got = o.logprobs(ids)
+    hf = _hf_gptoss(path)
+    for t in (20, 127, 128, 131, 159, 160, 400, 699):
+        keys = o.contract.query(t).keys
+        if layer_type == "sliding_attention":
+            keys = [k for k in keys if t - k < 32]
+            assert keys == list(range(max(0, t - 31), t + 1))
+        want = _hf_logprobs(hf, [ids[k] for k in keys])[-1]
+        torch.testing.assert_close(got[t], want, rtol=0, atol=1e-9)

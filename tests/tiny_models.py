@@ -146,6 +146,95 @@ def build_tiny_llama(path: str | os.PathLike, seed: int = 0, **overrides) -> str
     return str(path)
 
 
+# ---- a tiny random GPT-OSS ---------------------------------------------------
+# Both layer types (GPT-OSS's default: even layers slide, odd layers are full),
+# learned sinks, attention biases, a top-2 MoE with the clamped SwiGLU, YaRN.
+TINY_GPTOSS_CONFIG = dict(
+    vocab_size=VOCAB_SIZE,
+    hidden_size=128,
+    intermediate_size=128,
+    num_hidden_layers=3,  # sliding, full, sliding: a sliding layer reads a full layer's output
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=32,
+    sliding_window=32,
+    num_local_experts=4,
+    num_experts_per_tok=2,
+    max_position_embeddings=256,
+    rope_theta=10000.0,
+    # YaRN as GPT-OSS ships it (factor 32 over 4096 there): 64 * 4 = 256 positions.
+    yarn_factor=4.0,
+    yarn_original_max_position_embeddings=64,
+    rms_norm_eps=1e-5,
+    tie_word_embeddings=False,
+    bos_token_id=BOS_ID,
+    eos_token_id=EOS_ID,
+)
+GATE_UP_STD = 0.3  # pushes some gate/up values past swiglu_limit 7: the clamp matters
+SINK_MEAN, SINK_STD = 1.0, 1.0  # learned sink logits, non-zero, varied per head
+
+
+def build_tiny_gptoss(path: str | os.PathLike, seed: int = 0, **overrides) -> str:
+    """Write a tiny random, unquantized ``GptOssForCausalLM`` folder; returns ``str(path)``.
+
+    Default shape (``TINY_GPTOSS_CONFIG``): 3 layers (sliding 32 / full / sliding 32),
+    hidden 128, 4 query / 2 KV heads of 32, 4 experts top-2 (intermediate 128),
+    vocab 384 with the tiny Llama's byte-level tokenizer, ``max_position_embeddings``
+    256 = YaRN factor 4 x 64 original positions (``truncate`` off, as GPT-OSS ships).
+    ``overrides`` replace config entries; special keys ``qk_std``, ``gate_up_std``.
+    """
+    from transformers import GptOssConfig, GptOssForCausalLM
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    qk_std = overrides.pop("qk_std", QK_STD)
+    gate_up_std = overrides.pop("gate_up_std", GATE_UP_STD)
+    cfg = {**TINY_GPTOSS_CONFIG, **overrides}
+    theta = cfg.pop("rope_theta")
+    factor = cfg.pop("yarn_factor")
+    original = cfg.pop("yarn_original_max_position_embeddings")
+    rope_parameters = {"rope_type": "yarn", "rope_theta": theta, "factor": factor,
+                       "original_max_position_embeddings": original,
+                       "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False}
+    # vLLM's GPT-OSS slides exactly the even layers (layer_idx % 2 == 0), whatever
+    # the config says: override ``layer_types`` for transformers-only checks.
+    layer_types = cfg.pop("layer_types", None) or [
+        "sliding_attention" if i % 2 == 0 else "full_attention" for i in range(cfg["num_hidden_layers"])]
+    config = GptOssConfig(**cfg, rope_parameters=rope_parameters, layer_types=layer_types,
+                          dtype="float32", architectures=["GptOssForCausalLM"])
+    g = torch.Generator().manual_seed(seed)
+
+    def normal(shape, std, mean=0.0):
+        return torch.randn(shape, generator=g, dtype=torch.float32) * std + mean
+
+    model = GptOssForCausalLM(config).float()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1.0 + normal(p.shape, 0.1))
+            elif name.endswith(("q_proj.weight", "k_proj.weight")):
+                p.copy_(normal(p.shape, qk_std))
+            elif name.endswith(("v_proj.weight", "o_proj.weight")):
+                p.copy_(normal(p.shape, VO_STD))
+            elif name.endswith("self_attn.sinks"):
+                p.copy_(normal(p.shape, SINK_STD, SINK_MEAN))
+            elif name == "lm_head.weight":
+                p.copy_(normal(p.shape, LM_HEAD_STD))
+            elif name.endswith("embed_tokens.weight"):
+                p.copy_(normal(p.shape, 1.0))
+            elif name.endswith("experts.gate_up_proj"):
+                p.copy_(normal(p.shape, gate_up_std))
+            elif name.endswith("router.weight"):
+                p.copy_(normal(p.shape, 0.3))  # clear top-2 choices
+            elif name.endswith(("bias", "_bias")):
+                p.copy_(normal(p.shape, 0.02))
+            else:
+                p.copy_(normal(p.shape, 0.04))
+    model.save_pretrained(str(path), safe_serialization=True)
+    build_tokenizer(path, config.vocab_size)
+    return str(path)
+
+
 if __name__ == "__main__":  # python tests/tiny_models.py /tmp/tiny-llama
     import sys
 
