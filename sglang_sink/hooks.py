@@ -1,0 +1,377 @@
+"""Every touch of SGLang internals, in one place.
+
+Checked against sglang 0.5.23 (tested here, CPU). Any other version: the flags
+still parse, and ``--kv-policy streaming-sink`` refuses to start, saying so.
+Hooks go through SGLang's own ``HookRegistry`` (AROUND/AFTER), applied by
+``load_plugins()`` in every SGLang process. The touch points:
+
+1. ``ServerArgs.add_cli_args`` / ``from_cli_args`` and ``Engine.server_args_class``:
+   the flags on the stock launcher (and ``--help``), the same keywords for
+   ``sglang.Engine``; the policy is resolved and every refusal raised there, at
+   startup, in the main process (ServerArgs is a msgspec Struct: no new fields, so
+   the settings ride as one extra attribute, which SGLang pickles to its children).
+2. ``attention_backend_setup._build_full_attention_backend_from_str``: with the
+   policy on, our backend (a ``TorchNativeAttnBackend`` that computes the contract
+   with the core) instead of the one named by ``--attention-backend``.
+3. ``ForwardBatch.init_new``: positions become cache positions ``pos(t)``.
+4. ``ScheduleBatch.maybe_evict_swa`` (SGLang's per-step "free out-of-window slots"
+   call, before each allocation): frees the blocks the window left, floor at the sinks.
+5. ``BasePrefixCache.free_kv_row``: the final release skips slots already freed.
+6. ``BaseTokenToKVPoolAllocator.max_new_tokens_for_memory``, ``PrefillBudget.check_prefill``
+   and ``.reserve``: a request's KV demand is its live bound, not its length.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+from streaming_sink.policy import PolicyConfigError, SinkPolicy
+
+from . import config as sink_config
+from .pool import EvictionCursor
+
+# A child of "sglang" so our lines go through SGLang's own log handlers.
+logger = logging.getLogger("sglang.streaming_sink")
+
+CHECKED_SGLANG_VERSIONS = ("0.5.23",)
+TRACE_ENV = "SGLANG_SINK_TRACE"  # diagnostics: JSON lines of KV slots in use, per step
+_installed = False
+_active: SinkPolicy | None = None  # the policy of this scheduler process's model
+_cursors: dict[int, tuple[object, EvictionCursor]] = {}  # id(req.kv) -> (req.kv, cursor)
+
+_TARGETS = {  # dotted SGLang name -> (hook type, our function name)
+    "sglang.srt.server_args.ServerArgs.add_cli_args": ("AROUND", "_add_cli_args"),
+    "sglang.srt.server_args.ServerArgs.from_cli_args": ("AROUND", "_from_cli_args"),
+    "sglang.srt.model_executor.model_runner_components.attention_backend_setup."
+    "_build_full_attention_backend_from_str": ("AROUND", "_build_backend"),
+    "sglang.srt.model_executor.forward_batch_info.ForwardBatch.init_new": ("AFTER", "_remap_positions"),
+    "sglang.srt.managers.schedule_batch.ScheduleBatch.maybe_evict_swa": ("AROUND", "_evict"),
+    "sglang.srt.mem_cache.base_prefix_cache.BasePrefixCache.free_kv_row": ("AROUND", "_free_kv_row"),
+    "sglang.srt.mem_cache.allocator.base.BaseTokenToKVPoolAllocator.max_new_tokens_for_memory":
+        ("AROUND", "_max_new_tokens_for_memory"),
+    "sglang.srt.mem_cache.prefill_budget.PrefillBudget.check_prefill": ("AROUND", "_check_prefill"),
+    "sglang.srt.mem_cache.prefill_budget.PrefillBudget.reserve": ("AROUND", "_reserve"),
+}
+
+
+_FLAG_TARGETS = [t for t in _TARGETS if ".server_args." in t]
+
+
+def sglang_version() -> str:
+    import sglang
+
+    return sglang.__version__.split("+")[0]
+
+
+def check_version() -> None:
+    version = sglang_version()
+    if version not in CHECKED_SGLANG_VERSIONS:
+        raise PolicyConfigError(
+            f"--kv-policy streaming-sink was checked against SGLang {', '.join(CHECKED_SGLANG_VERSIONS)}; "
+            f"the installed SGLang is {version}. Install a checked version "
+            f"(pip install 'streaming-sink[sglang]') or run without --kv-policy.")
+
+
+def check_hooks_applied() -> None:
+    """HookRegistry logs and skips a target it cannot patch; we refuse to start instead."""
+    from sglang.srt.plugins.hook_registry import HookRegistry
+
+    missing = [t for t in _TARGETS if t not in HookRegistry._patched]
+    if missing:
+        raise PolicyConfigError(
+            f"--kv-policy streaming-sink: SGLang {sglang_version()} lacks {', '.join(missing)}")
+
+
+def install() -> None:
+    """Registers the hooks; ``load_plugins()`` applies them right after."""
+    global _installed
+    if _installed:
+        return
+    _installed = True
+    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+
+    checked = sglang_version() in CHECKED_SGLANG_VERSIONS
+    if not checked:
+        logger.warning("streaming-sink: SGLang %s is not a checked version (%s); "
+                       "--kv-policy streaming-sink will refuse to start",
+                       sglang_version(), ", ".join(CHECKED_SGLANG_VERSIONS))
+    for target, (kind, name) in _TARGETS.items():
+        if checked or target in _FLAG_TARGETS:  # other versions: flags only, which refuse
+            HookRegistry.register(target, globals()[name], HookType[kind])
+    # Not through HookRegistry: it would also rebind every module's ``ServerArgs``
+    # name to our function. A plain function attribute: Engine calls it as a method.
+    from sglang.srt.entrypoints.engine import Engine
+
+    Engine.server_args_class = _engine_server_args
+
+
+# ---- 1: flags, refusals, engine defaults (main process) --------------------
+
+def add_flags(parser) -> None:
+    group = parser.add_argument_group(
+        "streaming-sink", "StreamingLLM attention sinks: stream past the context window "
+        "with bounded KV memory (docs/sglang.md).")
+    group.add_argument("--kv-policy", choices=["none", "streaming-sink"], default="none",
+                       help="KV cache policy. 'streaming-sink' pins the first --sink-tokens "
+                            "tokens and keeps a sliding window of recent KV slots.")
+    group.add_argument("--sink-tokens", type=int, default=None,
+                       help="Attention-sink tokens kept forever (default 4; 0 = window only).")
+    group.add_argument("--sink-window", type=int, default=None,
+                       help="Recent tokens kept (default: the largest window the model's "
+                            "rotary table allows).")
+
+
+def _add_cli_args(original, parser, *args, **kwargs):
+    result = original(parser, *args, **kwargs)
+    add_flags(parser)
+    return result
+
+
+def _from_cli_args(original, cls, args):
+    server_args = original(cls, args)
+    apply_flags(server_args, {f: getattr(args, f, None) for f in sink_config.FLAGS})
+    return server_args
+
+
+def _engine_server_args(engine, *args, kv_policy=None, sink_tokens=None, sink_window=None, **kwargs):
+    """``sglang.Engine(**kwargs)`` builds its ServerArgs through this class attribute
+    (looked up after Engine.__init__ loads plugins); ServerArgs refuses unknown keywords."""
+    from sglang.srt.server_args import ServerArgs
+
+    server_args = ServerArgs(*args, **kwargs)
+    apply_flags(server_args, {"kv_policy": kv_policy, "sink_tokens": sink_tokens, "sink_window": sink_window})
+    return server_args
+
+
+def apply_flags(server_args, flags: dict) -> None:
+    """Checks the flags, refuses what the policy cannot serve (naming the flag), sets
+    the engine defaults it needs and attaches the resolved policy. Before SGLang's
+    own resolution, in the main process: every refusal happens at startup."""
+    opts = sink_config.requested(**flags)
+    if opts is None:
+        return
+    check_version()
+    check_hooks_applied()
+    _streaming_defaults(server_args)
+    rotary_len = _rotary_table_len(server_args.model_path)
+    policy = SinkPolicy.resolve(opts["sink_tokens"], opts["sink_window"], 1, rotary_len, "the model")
+    setattr(server_args, sink_config.ATTR, {**opts, "window_tokens": policy.window_tokens, "block_size": 1})
+    logger.info("%s; context_length %s", policy.describe(), server_args.context_length)
+
+
+def _streaming_defaults(sa) -> None:
+    """Refuse what the policy cannot serve, naming the flag; set what it needs."""
+    kw = {f: getattr(sa, f, None) for f in (
+        "attention_backend", "page_size", "kv_cache_dtype", "speculative_algorithm",
+        "enable_hierarchical_cache", "chunked_prefill_size", "context_length", "max_running_requests")}
+    refused = [flag for flag, bad in (
+        ("--attention-backend (the policy brings its own; torch_native is its CPU base)",
+         kw.get("attention_backend") not in (None, "torch_native")),
+        ("--page-size other than 1 (eviction and attention are token-granular here)",
+         kw.get("page_size") not in (None, 1)),
+        ("--kv-cache-dtype (quantized KV)", kw.get("kv_cache_dtype") not in (None, "auto")),
+        ("--speculative-algorithm", kw.get("speculative_algorithm") is not None),
+        ("--enable-hierarchical-cache", bool(kw.get("enable_hierarchical_cache"))),
+        ("--chunked-prefill-size <= 0 (a long prompt streams through the window chunk by chunk)",
+         kw.get("chunked_prefill_size") is not None and kw["chunked_prefill_size"] <= 0),
+    ) if bad]
+    if refused:
+        raise PolicyConfigError(f"--kv-policy streaming-sink does not support {'; '.join(refused)}")
+    sa.attention_backend, sa.page_size = "torch_native", 1
+    sa.disable_radix_cache = True  # slots past the window hold window-relative positions
+    sa.disable_overlap_schedule = True  # frees happen between steps, never under a running batch
+    logger.info("streaming-sink: radix cache and overlap schedule off, attention base torch_native")
+    if kw["context_length"] is None:
+        sa.context_length = sink_config.DEFAULT_STREAM_LEN
+    if kw["max_running_requests"] is None:
+        sa.max_running_requests = sink_config.DEFAULT_MAX_RUNNING_REQUESTS
+    # A stream may be far longer than the model's context: positions stay inside the
+    # cache. SGLang refuses a longer --context-length without this; set only here.
+    os.environ["SGLANG_ALLOW_OVERWRITE_LONGER_CONTEXT_LEN"] = "1"
+
+
+def _rotary_table_len(model_path: str) -> int:
+    """The model's rotary table (max_position_embeddings); refuses models without RoPE."""
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(model_path)
+    cfg = getattr(cfg, "text_config", None) or cfg
+    params = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
+    has_rope = getattr(cfg, "rope_theta", None) is not None or (
+        isinstance(params, dict) and ("rope_theta" in params or "rope_type" in params))
+    if not has_rope:
+        raise PolicyConfigError(
+            f"--kv-policy streaming-sink needs a RoPE model; {model_path} "
+            f"({getattr(cfg, 'model_type', '?')}) has no rotary position embedding")
+    return int(getattr(cfg, "max_position_embeddings", 0) or 0)
+
+
+# ---- 2: the attention backend (scheduler process) --------------------------
+
+def _build_backend(original, *, model_runner, backend_str, init_new_workspace):
+    global _active
+    policy = sink_config.policy_of(model_runner.server_args)
+    if policy is None:
+        return original(model_runner=model_runner, backend_str=backend_str,
+                        init_new_workspace=init_new_workspace)
+    model_runner.init_new_workspace = init_new_workspace
+    _active = policy
+    backend = _backend_class()(model_runner, policy)
+    logger.info("streaming-sink: %s; %d attention layers use positions inside the cache",
+                policy.describe(), len(backend.ropes))
+    return backend
+
+
+def _backend_class():
+    from sglang.srt.layers.attention.torch_native_backend import TorchNativeAttnBackend
+    from sglang.srt.mem_cache.memory_pool import KVWriteLoc
+
+    from .attention import token_pool_attention
+
+    class StreamingSinkAttnBackend(TorchNativeAttnBackend):
+        """torch_native's KV writes; the contract's attention from the core."""
+
+        def __init__(self, model_runner, policy: SinkPolicy):
+            super().__init__(model_runner)
+            self.policy = policy
+            self.ropes = _layer_ropes(model_runner.model, policy)
+
+        def _run(self, q, k, v, layer, fb, save_kv_cache, q_lens, sinks=None, **_):
+            if layer.qk_head_dim != layer.v_head_dim or layer.is_cross_attention:
+                raise PolicyConfigError("--kv-policy streaming-sink supports decoder self-attention "
+                                        "with equal q/k/v head sizes only")
+            if save_kv_cache and k is not None and v is not None:
+                self.token_to_kv_pool.set_kv_buffer(layer, KVWriteLoc(fb.out_cache_loc, self.swa_out_cache_loc), k, v)
+            n = q.shape[0] if q.dim() == 3 else q.numel() // (layer.tp_q_head_num * layer.qk_head_dim)
+            q_ = q.reshape(n, layer.tp_q_head_num, layer.qk_head_dim)
+            o = torch_empty_like(q_)
+            rows = self.req_to_token_pool.req_to_token[fb.req_pool_indices.long()]
+            sw = layer.sliding_window_size  # SGLang's window counts back from the query: sw + 1 keys
+            token_pool_attention(
+                q_, self.token_to_kv_pool.get_key_buffer(layer.layer_id),
+                self.token_to_kv_pool.get_value_buffer(layer.layer_id), rows, fb.seq_lens, q_lens,
+                layer.scaling, self.policy, self.ropes[layer.layer_id], o, sinks=sinks,
+                sliding_window=sw + 1 if sw is not None and sw > -1 else None)
+            return o.view(n, -1)
+
+        def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kw):
+            return self._run(q, k, v, layer, forward_batch, save_kv_cache, forward_batch.extend_seq_lens, **kw)
+
+        def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kw):
+            ones = forward_batch.seq_lens.new_ones(forward_batch.seq_lens.shape)
+            return self._run(q, k, v, layer, forward_batch, save_kv_cache, ones, **kw)
+
+    return StreamingSinkAttnBackend
+
+
+def torch_empty_like(x):
+    import torch
+
+    return torch.empty_like(x)
+
+
+def _layer_ropes(model, policy: SinkPolicy) -> dict:
+    """Each RadixAttention layer's rotary frequencies, from the ``rotary_emb`` beside it."""
+    from sglang.srt.layers.radix_attention import RadixAttention
+
+    from .rope import rotary_params
+
+    ropes, layers = {}, []
+    for parent_name, parent in model.named_modules():
+        for child_name, child in parent.named_children():
+            if not isinstance(child, RadixAttention):
+                continue
+            layers.append(f"{parent_name}.{child_name}")
+            rope = getattr(parent, "rotary_emb", None)
+            if rope is None or not all(hasattr(rope, a) for a in ("rotary_dim", "is_neox_style", "cos_sin_cache")):
+                continue
+            table = rope._compute_cos_sin_cache()  # float32, before any dtype cast
+            ropes[child.layer_id] = rotary_params(table, rope.rotary_dim, rope.is_neox_style,
+                                                  policy, f"{parent_name}.{child_name}")
+    if len(ropes) != len(layers):
+        raise PolicyConfigError(
+            f"--kv-policy streaming-sink needs RoPE attention; {len(layers) - len(ropes)} attention "
+            f"layer(s) have no standard rotary embedding beside them")
+    return ropes
+
+
+# ---- 3: positions inside the cache ------------------------------------------
+
+def _remap_positions(result, cls, batch, model_runner=None, *args, **kwargs):
+    model_runner = model_runner if model_runner is not None else kwargs["model_runner"]
+    policy = sink_config.policy_of(model_runner.server_args)
+    if policy is not None and result.positions is not None:
+        result.positions = policy.cache_position(result.positions)
+    return result
+
+
+# ---- 4 + 5: eviction through SGLang's allocator ------------------------------
+
+def _evict(original, batch):
+    original(batch)
+    if _active is None:
+        return
+    allocator = batch.token_to_kv_pool_allocator
+    rows = batch.req_to_token_pool.req_to_token
+    extend = batch.forward_mode.is_extend()
+    trace = {}
+    for idx, req in enumerate(batch.reqs):
+        kv = req.kv
+        if not kv.holds_kv:
+            continue
+        # Tokens whose KV is in the cache before this step's allocation.
+        done = int(batch.prefix_lens[idx]) if extend else req.seqlen - 1
+        done = min(done, kv.kv_committed_len)
+        entry = _cursors.get(id(kv))
+        if entry is None or entry[0] is not kv:
+            entry = _cursors[id(kv)] = (kv, EvictionCursor(_active))
+        span = entry[1].advance(_active, done)
+        if span is not None:
+            allocator.free(rows[kv.req_pool_idx, span[0]:span[1]])
+        trace[req.rid] = kv.kv_allocated_len - entry[1].freed
+    _trace(allocator, step=trace)
+
+
+def _free_kv_row(original, cache, kv, ranges):
+    entry = _cursors.pop(id(kv), None)
+    if entry is not None and entry[0] is kv:
+        ranges = entry[1].live_ranges(ranges)
+    return original(cache, kv, ranges)
+
+
+def _trace(allocator, **record) -> None:
+    """One JSON line per step (before its allocation): slots each request holds and
+    slots in use in SGLang's allocator. Frees inside SGLang's free groups land at the
+    group's end, so an idle engine's next step shows what came back."""
+    path = os.environ.get(TRACE_ENV)
+    if path:
+        record["used"] = allocator.size - allocator.available_size()
+        with open(path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+# ---- 6: a request's KV demand is its live bound ------------------------------
+
+def _demand_cap(chunk: int | None = None) -> int:
+    return _active.max_live_blocks(max(chunk or 1, 1)) * _active.block_size
+
+
+def _max_new_tokens_for_memory(original, allocator, input_tokens, max_new_tokens, **kwargs):
+    if _active is None:
+        return original(allocator, input_tokens, max_new_tokens, **kwargs)
+    return max_new_tokens  # the stream never holds more than its window
+
+
+def _check_prefill(original, budget, **kwargs):
+    if _active is not None:
+        cap = _demand_cap(kwargs.get("chunk_limit"))
+        kwargs["total_tokens"] = min(kwargs["total_tokens"], cap)
+    return original(budget, **kwargs)
+
+
+def _reserve(original, budget, extend_input_len, max_new_tokens, **kwargs):
+    if _active is not None:
+        max_new_tokens = min(max_new_tokens, _demand_cap())
+    return original(budget, extend_input_len, max_new_tokens, **kwargs)
