@@ -127,6 +127,19 @@ class SinkPolicy:
         return range(self.sink_blocks, max(self.sink_blocks, self.first_window_block(j_next)))
 
     # ---- model checks -------------------------------------------------
+    def check_layer_window(self, sliding_window: int | None, what: str = "a layer") -> None:
+        """A layer with its own sliding window (GPT-OSS, Gemma, Mistral) keeps it under
+        the policy: keys with ``t - k < sliding_window``, at true relative distances.
+        Those must lie inside the policy's window blocks, whose positions the policy
+        defines: ``t - ws(j) >= W`` for every query, so ``sliding_window <= W + 1``.
+        A larger layer window is not defined by the contract: refused."""
+        if sliding_window is not None and sliding_window - 1 > self.window_tokens:
+            need = -(-(sliding_window - 1) // self.block_size) * self.block_size
+            raise PolicyConfigError(
+                f"{what} has its own sliding window of {sliding_window} tokens, longer than "
+                f"--sink-window {self.window_tokens} + 1: the policy only keeps (and positions) "
+                f"the last --sink-window tokens. Use --sink-window >= {need}.")
+
     def check_rotary_table(self, rotary_table_len: int, what: str = "the model") -> None:
         if self.max_position >= rotary_table_len:
             raise PolicyConfigError(

@@ -133,12 +133,16 @@ def rope(x: torch.Tensor, pos: torch.Tensor, inv_freq: torch.Tensor, rotary_dim:
 def _one_thread():
     """Token-at-a-time ops are tiny: extra intra-op threads only spin (and crawl
     on a loaded machine)."""
+    # torch._C's own setter: an in-process vLLM CPU worker replaces
+    # torch.set_num_threads with a no-op after binding its threads, and two
+    # spinning OpenMP threads on a shared 2-core machine made the oracle ~50x slower.
+    set_threads = getattr(torch._C, "set_num_threads", torch.set_num_threads)
     n = torch.get_num_threads()
-    torch.set_num_threads(1)
+    set_threads(1)
     try:
         yield
     finally:
-        torch.set_num_threads(n)
+        set_threads(n)
 
 
 # --------------------------------------------------------------------------

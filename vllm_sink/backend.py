@@ -79,18 +79,31 @@ class StreamingSinkAttentionBackend(AttentionBackend):
     def customize_spec(cls, spec: AttentionSpec) -> AttentionSpec:
         """Full-attention layers become sink+window layers; a layer's own
         sliding window (e.g. GPT-OSS) stays a plain sliding-window layer."""
-        if isinstance(spec, SlidingWindowSpec) or not isinstance(spec, FullAttentionSpec):
+        if not isinstance(spec, FullAttentionSpec | SlidingWindowSpec):
             return spec
         policy = cls.policy
         if policy is None:
             raise RuntimeError("streaming-sink: KV spec requested before the model was loaded")
-        if spec.block_size != policy.block_size:
-            raise PolicyConfigError(
-                f"KV block size {spec.block_size} differs from the policy's {policy.block_size}")
+        if isinstance(spec, SlidingWindowSpec):
+            # The layer's own window (GPT-OSS): vLLM's SlidingWindowManager keeps
+            # and frees its blocks; the policy only moves its positions. vLLM asks
+            # with a placeholder block size here and picks the group's block size
+            # later (the largest kernel block within the primary page: --block-size
+            # when all layers have the same shape); the metadata builder checks it.
+            return spec
+        _check_block_size(spec.block_size, policy)
         return StreamingSinkSpec(
             block_size=spec.block_size, num_kv_heads=spec.num_kv_heads, head_size=spec.head_size,
             head_size_v=spec.head_size_v, dtype=spec.dtype, kv_quant_mode=spec.kv_quant_mode,
             sliding_window=policy.window_tokens, sink_tokens=policy.sink_tokens)
+
+
+def _check_block_size(block_size: int, policy: SinkPolicy) -> None:
+    if block_size != policy.block_size:
+        raise PolicyConfigError(
+            f"--kv-policy streaming-sink: a KV cache group uses block size {block_size}, "
+            f"the policy {policy.block_size} (--block-size); every attention layer must "
+            f"use the policy's block size")
 
 
 @dataclass
@@ -106,6 +119,12 @@ class StreamingSinkMetadata:
 class StreamingSinkMetadataBuilder(AttentionMetadataBuilder[StreamingSinkMetadata]):
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device) -> None:
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+        # Both KV groups of a hybrid model (sliding layers, sink+window layers)
+        # hold keys written at pos(t), read with per-block query rotations in the
+        # policy's blocks: every group must use the policy's block size.
+        policy = policy_of(vllm_config)
+        if policy is not None:
+            _check_block_size(kv_cache_spec.block_size, policy)
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
               fast_build: bool = False) -> StreamingSinkMetadata:
@@ -137,6 +156,7 @@ class StreamingSinkAttentionImpl(AttentionImpl):
         self.sliding_window = sliding_window
         self.sinks = sinks
         self.policy = _current_policy()
+        self.policy.check_layer_window(sliding_window, "an attention layer")
         # Filled by rope_remap.install() once the model is built: the layer's
         # rotary frequencies, needed for the per-block query rotation.
         self.rope: RotaryParams | None = None

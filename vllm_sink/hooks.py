@@ -10,7 +10,9 @@ computing something else silently. The touch points:
    keywords for ``LLM(...)``; they travel in ``additional_config``.
 2. ``EngineArgs.create_engine_config``: policy on -> chunked prefill on, prefix
    caching off (logged), long ``max_model_len`` allowed, our backend selected
-   (``attention_backend=CUSTOM``), the policy resolved for the final block size.
+   (``attention_backend=CUSTOM``), the policy resolved for the final block size;
+   ``ModelConfig.get_sliding_window`` read to refuse a layer window longer than
+   the policy's (GPT-OSS sliding layers must fit inside ``--sink-window``).
 3. ``register_backend(CUSTOM, ...)`` and, on CPU, ``CpuPlatform.get_attn_backend_cls``
    honouring CUSTOM (the CPU platform otherwise always returns CPU_ATTN).
 4. ``KVCacheSpecRegistry.register(StreamingSinkSpec, StreamingSinkManager)``.
@@ -183,6 +185,10 @@ def _create_streaming_config(args, original_create, opts, *a, **kw):
     policy = SinkPolicy.resolve(
         opts["sink_tokens"], opts["sink_window"], block_size,
         int(getattr(text_config, "max_position_embeddings", 0) or 0), "the model")
+    # Layers with their own window (GPT-OSS) keep it; refused here, before the
+    # engine is built, when it reaches past the policy's window (the layer
+    # construction checks again with the per-layer value: backend.py).
+    policy.check_layer_window(vllm_config.model_config.get_sliding_window(), "the model")
     vllm_config.additional_config[sink_config.KEY] = {
         **opts, "window_tokens": policy.window_tokens, "block_size": block_size}
     logger.info("%s; max_model_len %d", policy.describe(), vllm_config.model_config.max_model_len)

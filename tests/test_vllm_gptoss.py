@@ -1,0 +1,239 @@
+"""GPT-OSS (learned sinks, sliding + full layers, YaRN, MoE) on the real vLLM engine
+(CPU build) with --kv-policy streaming-sink, against the GPT-OSS oracle.
+
+Tiny random GptOssForCausalLM (tests/tiny_models.py): layers sliding(32) / full /
+sliding(32), max_position_embeddings 256 (YaRN 4 x 64), block 32, S=4, W=128: the
+dense regime ends at token 192 and every stream here is 16x the model's context.
+Under the policy the full layer becomes a sink+window layer, the sliding layers
+keep their own 32-token window; all three honour the learned sinks and rotate at
+positions inside the cache.
+
+All engines of this module live in module-scoped fixtures until the module ends:
+deleting an in-process vLLM engine tears down process-wide state other engines use.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from oracle_gptoss import OracleGptOss
+from vllm_helpers import BS, S, W, SamplingParams, free_blocks, kv_manager, make_llm, \
+    oracle_token_logprobs, prompt_logprobs, random_ids
+
+from streaming_sink.policy import PolicyConfigError, SinkPolicy
+
+CONTEXT = 256  # max_position_embeddings of the tiny GPT-OSS
+SLIDING = 32  # its layers' own window
+CHUNK = 200  # max_num_batched_tokens of make_llm
+POLICY = SinkPolicy(S, W, BS)
+TOL = 5e-4  # float32 engine vs float64 oracle, logprobs (measured ~2e-4)
+
+
+@pytest.fixture(scope="module")
+def tiny_gptoss(tmp_path_factory) -> str:
+    from tiny_models import build_tiny_gptoss
+
+    return build_tiny_gptoss(tmp_path_factory.mktemp("tiny-gptoss"))
+
+
+def test_layer_window_longer_than_policy_window_refused(tmp_path):
+    """(b) A layer window that reaches past --sink-window is refused at startup, before
+    any engine is built (so this test leaves the process's vLLM state untouched)."""
+    from tiny_models import build_tiny_gptoss
+
+    path = build_tiny_gptoss(tmp_path / "sw48", sliding_window=48)
+    with pytest.raises(PolicyConfigError, match=r"--sink-window >= 64"):
+        make_llm(path, sink_window=32)
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_gptoss):
+    engine = make_llm(tiny_gptoss)
+    yield engine
+    del engine
+
+
+@pytest.fixture(scope="module")
+def stock(tiny_gptoss, llm):
+    """Policy off, built after the policy engine in the same process (module-scoped:
+    see the module docstring)."""
+    engine = make_llm(tiny_gptoss, policy=False)
+    yield engine
+    del engine
+
+
+@pytest.fixture(scope="module")
+def oracle(tiny_gptoss):
+    return OracleGptOss(tiny_gptoss, sink_tokens=S, window_tokens=W, block_size=BS)
+
+
+def _groups(llm):
+    """The engine's per-group KV managers, by kind: 'sink+window' or 'sliding'."""
+    from vllm.v1.core.single_type_kv_cache_manager import SlidingWindowManager
+
+    from vllm_sink.kv_manager import StreamingSinkManager
+
+    kinds = []
+    for m in kv_manager(llm).coordinator.single_type_managers:
+        if isinstance(m, StreamingSinkManager):
+            kinds.append(("sink+window", m))
+        elif isinstance(m, SlidingWindowManager):
+            assert m.kv_cache_spec.sliding_window == SLIDING
+            kinds.append(("sliding", m))
+        else:
+            raise AssertionError(f"unexpected KV manager {type(m).__name__}")
+    return kinds
+
+
+# Most blocks one request may hold per group, with a prefill chunk of CHUNK tokens in
+# flight. sink+window: sinks + window + current block + the chunk's blocks. sliding:
+# vLLM keeps tokens [n - sw + 1, n + chunk) of a request with n tokens computed.
+BOUND = {"sink+window": POLICY.max_live_blocks(CHUNK),
+         "sliding": math.ceil((SLIDING - 1 + CHUNK - 1) / BS) + 1}
+
+
+def test_engine_groups_use_the_policy_block_size(llm):
+    """(a) Both KV group kinds exist, each with the policy's block size."""
+    groups = _groups(llm)
+    assert sorted({k for k, _ in groups}) == ["sink+window", "sliding"]
+    assert all(m.kv_cache_spec.block_size == BS for _, m in groups)
+    sw = [m for k, m in groups if k == "sink+window"]
+    assert all(m.kv_cache_spec.sliding_window == W and m.kv_cache_spec.sink_tokens == S for m in sw)
+
+
+def test_teacher_forced_prompt_logprobs_match_oracle(llm, oracle, tiny_gptoss):
+    # 16x the context in chunks of 200 tokens (one chunk crosses the switch at 192)
+    ids = random_ids(16 * CONTEXT, seed=1)
+    got = prompt_logprobs(llm, ids)
+    want = oracle_token_logprobs(oracle, ids)
+    diff = (got - want).abs()
+    print(f"\nteacher-forced {len(ids)} tokens: max |engine - oracle| = {diff.max():.3g} "
+          f"(dense part {diff[:POLICY.dense_tokens - 1].max():.3g})")
+    assert diff.max().item() < TOL, f"max |engine - oracle| = {diff.max():.3g} at token {diff.argmax() + 1}"
+    # The streaming regime really differs from the dense model (not a vacuous match).
+    dense = OracleGptOss(tiny_gptoss)
+    tail = slice(POLICY.dense_tokens, CONTEXT - 1)
+    assert (oracle_token_logprobs(dense, ids[:CONTEXT])[tail] - want[tail]).abs().max() > 1e-2
+
+
+def _run_stepwise(llm, requests, abort_at=None, logprobs=False):
+    """Step the engine; per group kind, the most blocks any request held after any step."""
+    engine = llm.llm_engine
+    for rid, (prompt, n) in requests.items():
+        engine.add_request(rid, {"prompt_token_ids": prompt}, SamplingParams(
+            max_tokens=n, temperature=0, ignore_eos=True, logprobs=0 if logprobs else None))
+    groups = _groups(llm)
+    peak = {k: 0 for k, _ in groups}
+    final, abort_at = {}, dict(abort_at or {})
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            final[out.request_id] = out
+        for kind, m in groups:
+            for blocks in m.req_to_blocks.values():
+                peak[kind] = max(peak[kind], sum(not b.is_null for b in blocks))
+        for rid, at in list(abort_at.items()):
+            if rid in final and len(final[rid].outputs[0].token_ids) >= at:
+                engine.abort_request([rid])
+                del abort_at[rid]
+    return peak, final
+
+
+def test_batched_decode_matches_oracle_with_bounded_blocks(llm, oracle):
+    """3 concurrent requests, 16x the context each: greedy tokens and their logprobs
+    match the oracle; both group kinds stay bounded every step; all blocks return."""
+    start = free_blocks(llm)
+    n_new = 16 * CONTEXT
+    prompts = {f"r{n}": random_ids(n, seed=10 + n) for n in (37, 300, 700)}
+    peak, final = _run_stepwise(llm, {r: (p, n_new) for r, p in prompts.items()}, logprobs=True)
+    print(f"\npeak blocks per request: {peak} (bounds {BOUND}; no recycling: "
+          f"{math.ceil((700 + n_new) / BS)})")
+    for kind in BOUND:
+        assert peak[kind] <= BOUND[kind], (kind, peak, BOUND)
+    assert peak["sink+window"] > POLICY.sink_blocks + POLICY.window_blocks  # really used the window
+    assert free_blocks(llm) == start
+    for rid, prompt in prompts.items():
+        out = final[rid].outputs[0]
+        gen = list(out.token_ids)
+        assert len(gen) == n_new
+        got = torch.tensor([lp[t].logprob for lp, t in zip(out.logprobs, gen)], dtype=torch.float64)
+        lp = oracle.logprobs(prompt + gen)[len(prompt) - 1:-1]
+        want = lp.gather(1, torch.tensor(gen)[:, None]).squeeze(1)
+        diff = (got - want).abs()
+        print(f"{rid}: {n_new} decoded tokens, max |engine - oracle| = {diff.max():.3g}")
+        assert diff.max().item() < TOL, f"{rid}: max diff {diff.max():.3g} at step {diff.argmax()}"
+        top2 = lp.topk(2, dim=1).values
+        clear = (top2[:, 0] - top2[:, 1]) > 1e-3  # greedy = the oracle's argmax, up to near-ties
+        assert torch.equal(lp.argmax(1)[clear], torch.tensor(gen)[clear])
+
+
+def test_abort_mid_stream_returns_every_block(llm):
+    start = free_blocks(llm)
+    requests = {"keep": (random_ids(50, seed=3), 3 * CONTEXT), "drop": (random_ids(900, seed=4), 8 * CONTEXT)}
+    peak, final = _run_stepwise(llm, requests, abort_at={"drop": 2 * CONTEXT})
+    assert len(final["keep"].outputs[0].token_ids) == 3 * CONTEXT
+    assert 2 * CONTEXT <= len(final["drop"].outputs[0].token_ids) < 8 * CONTEXT
+    for kind in BOUND:
+        assert peak[kind] <= BOUND[kind], (kind, peak, BOUND)
+    assert free_blocks(llm) == start
+
+
+# ---- policy off: stock vLLM, and the policy's dense regime equals it -----------
+
+def test_policy_off_is_stock_vllm(tiny_gptoss, llm, stock):
+    """With the policy off the plugin is out of the path (vLLM's own CPU attention,
+    rotary and KV managers), and that stock engine computes the dense GPT-OSS."""
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+    config = stock.llm_engine.vllm_config
+    assert "streaming_sink" not in (config.additional_config or {})
+    assert config.attention_config.backend != AttentionBackendEnum.CUSTOM
+    from vllm.model_executor.layers.attention import Attention
+
+    layers = [m for m in config.compilation_config.static_forward_context.values() if isinstance(m, Attention)]
+    assert len(layers) == 3
+    assert layers and all(type(layer.impl).__module__.startswith("vllm.") for layer in layers)
+    assert [type(m).__name__ for m in kv_manager(stock).coordinator.single_type_managers].count(
+        "StreamingSinkManager") == 0
+    ids = random_ids(CONTEXT - 1, seed=5)
+    want = oracle_token_logprobs(OracleGptOss(tiny_gptoss), ids)
+    diff = (prompt_logprobs(stock, ids) - want).abs().max().item()
+    print(f"\nstock vLLM vs dense oracle, {len(ids)} tokens: max diff {diff:.3g}")
+    assert diff < TOL
+    # past the policy's dense regime the policy engine computes something else
+    assert (prompt_logprobs(llm, ids) - want)[POLICY.dense_tokens:].abs().max().item() > 1e-2
+
+
+def test_below_the_window_equals_policy_off(llm, stock):
+    prompts = [random_ids(n, seed=20 + n) for n in (5, 64, 120)]
+    params = SamplingParams(max_tokens=POLICY.dense_tokens - 121, temperature=0, ignore_eos=True, logprobs=0)
+    ours = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    theirs = stock.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    worst = 0.0
+    for a, b in zip(ours, theirs):
+        assert list(a.outputs[0].token_ids) == list(b.outputs[0].token_ids)
+        la = [d[t].logprob for d, t in zip(a.outputs[0].logprobs, a.outputs[0].token_ids)]
+        lb = [d[t].logprob for d, t in zip(b.outputs[0].logprobs, b.outputs[0].token_ids)]
+        worst = max(worst, max(abs(x - y) for x, y in zip(la, lb)))
+    print(f"\npolicy engine vs stock vLLM below the window: max logprob diff {worst:.3g}")
+    assert worst < TOL
+
+
+def test_rotary_frequencies_are_pure_yarn_rotations():
+    """The per-block query rotation reads vLLM's YaRN table as a pure rotation:
+    the YaRN frequencies (as HF/the oracle compute them), without the magnitude."""
+    from oracle_gptoss import yarn_attention_factor, yarn_inv_freq
+    from vllm.model_executor.layers.rotary_embedding import get_rope
+
+    from vllm_sink.rope_remap import rotary_params
+
+    rope = get_rope(32, max_position=CONTEXT, dtype=torch.float32, is_neox_style=True, rope_parameters={
+        "rope_theta": 10000.0, "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64,
+        "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False})
+    assert rope.mscale == pytest.approx(yarn_attention_factor(4.0)) and rope.mscale > 1.1
+    params = rotary_params(rope, POLICY, "yarn")
+    want = yarn_inv_freq(32, 10000.0, 4.0, 64, 32.0, 1.0, truncate=False)
+    assert (params.inv_freq.double() - want).abs().max().item() < 1e-6
+    assert params.rotary_dim == 32 and params.is_neox_style
