@@ -167,6 +167,25 @@ def test_config_errors(neg, bs):
     assert issubclass(PolicyConfigError, ValueError)
 
 
+@given(block_sizes, st.integers(1, 6), st.integers(1, 400))
+@settings(max_examples=40, deadline=None)
+def test_layer_window_check(bs, wb, sw):
+    """A layer's own sliding window must fit the policy's window: sw <= W + 1
+    (every query sees at least W window tokens behind it)."""
+    p = SinkPolicy(4, wb * bs, bs)
+    p.check_layer_window(None)
+    if sw <= p.window_tokens + 1:
+        p.check_layer_window(sw)
+        # the layer's keys [t - sw + 1, t] are inside the live window of every streaming query
+        for t in range(p.dense_tokens, p.dense_tokens + 3 * bs):
+            assert t - sw + 1 >= p.window_start(t // bs)
+    else:
+        need = math.ceil((sw - 1) / bs) * bs
+        with pytest.raises(PolicyConfigError, match=f"--sink-window >= {need}"):
+            p.check_layer_window(sw, "layer x")
+        SinkPolicy(4, need, bs).check_layer_window(sw)
+
+
 # ============================================================================
 # (b) paged reference attention vs the oracle
 # ============================================================================
@@ -188,7 +207,7 @@ def attention_cases(draw):
     group = draw(st.sampled_from([1, 2, 4]))
     D = draw(st.sampled_from([32, 64]))
     rot = draw(st.sampled_from([D, D, D // 2, 16]))
-    sw = draw(st.one_of(st.none(), st.none(), st.integers(1, wb * bs)))  # layer window within W
+    sw = draw(st.one_of(st.none(), st.none(), st.integers(1, wb * bs + 1)))  # layer window <= W + 1
     return dict(c=c, seqs=seqs, hkv=hkv, group=group, D=D, rot=rot, neox=draw(st.booleans()),
                 base=draw(st.sampled_from([10000.0, 100.0])), learned=draw(st.booleans()), sw=sw,
                 seed=draw(st.integers(0, 2 ** 31 - 1)))
