@@ -18,7 +18,12 @@ Hooks go through SGLang's own ``HookRegistry`` (AROUND/AFTER), applied by
    call, before each allocation): frees the blocks the window left, floor at the sinks.
 5. ``BasePrefixCache.free_kv_row``: the final release skips slots already freed.
 6. ``BaseTokenToKVPoolAllocator.max_new_tokens_for_memory``, ``PrefillBudget.check_prefill``
-   and ``.reserve``: a request's KV demand is its live bound, not its length.
+   and ``.reserve``, ``PrefillAdder.add_one_req`` and ``._get_running_request_total_token_offset``
+   (what running requests still claim): a request's KV demand is its live
+   bound, not its length (``ignore_eos`` requests take the same admission path, since
+   SGLang's ignore-eos estimate assumes every generated token stays in the pool).
+7. ``TpModelWorker.get_worker_info``: the longest request is ``--context-length``, not
+   the KV pool's size (SGLang caps both; only the first still applies with the policy on).
 """
 
 from __future__ import annotations
@@ -52,7 +57,11 @@ _TARGETS = {  # dotted SGLang name -> (hook type, our function name)
     "sglang.srt.mem_cache.allocator.base.BaseTokenToKVPoolAllocator.max_new_tokens_for_memory":
         ("AROUND", "_max_new_tokens_for_memory"),
     "sglang.srt.mem_cache.prefill_budget.PrefillBudget.check_prefill": ("AROUND", "_check_prefill"),
+    "sglang.srt.managers.schedule_policy.PrefillAdder.add_one_req": ("AROUND", "_add_one_req"),
+    "sglang.srt.managers.schedule_policy.PrefillAdder._get_running_request_total_token_offset":
+        ("AROUND", "_running_offset"),
     "sglang.srt.mem_cache.prefill_budget.PrefillBudget.reserve": ("AROUND", "_reserve"),
+    "sglang.srt.managers.tp_worker.TpModelWorker.get_worker_info": ("AFTER", "_worker_info"),
 }
 
 
@@ -371,7 +380,30 @@ def _check_prefill(original, budget, **kwargs):
     return original(budget, **kwargs)
 
 
+def _add_one_req(original, adder, req, *args, **kwargs):
+    if _active is None or not req.sampling_params.ignore_eos:
+        return original(adder, req, *args, **kwargs)
+    req.sampling_params.ignore_eos = False  # read only to pick the admission path
+    try:
+        return original(adder, req, *args, **kwargs)
+    finally:
+        req.sampling_params.ignore_eos = True
+
+
+def _running_offset(original, adder, req):
+    offset = original(adder, req)
+    return offset if _active is None else min(offset, _demand_cap())
+
+
 def _reserve(original, budget, extend_input_len, max_new_tokens, **kwargs):
     if _active is not None:
         max_new_tokens = min(max_new_tokens, _demand_cap())
     return original(budget, extend_input_len, max_new_tokens, **kwargs)
+
+
+def _worker_info(info, worker):
+    """(..., max_req_len, max_req_input_len, ...) at positions 4 and 5."""
+    if sink_config.policy_of(worker.model_runner.server_args) is None:
+        return info
+    context = worker.model_config.context_len
+    return (*info[:4], context - 1, context - 6, *info[6:])

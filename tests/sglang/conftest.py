@@ -1,0 +1,41 @@
+"""SGLang tests: real SGLang 0.5.23 on CPU, run in .venv-sglang (scripts/test.sh).
+
+Env first, before anything imports sglang: the CPU engine, offline, one OpenMP
+thread per process (these machines have 2 shared cores; tiny per-token ops
+under contended OpenMP run ~50x slower), and the CPU stand-in for the CUDA-only
+``sgl_kernel`` first on the path, for this process, the Engine's spawned
+scheduler (it inherits sys.path) and server subprocesses (PYTHONPATH).
+"""
+
+import os
+import sys
+from pathlib import Path
+
+CPU_SUPPORT = str(Path(__file__).parent / "cpu_support")
+sys.path.insert(0, CPU_SUPPORT)
+sys.path.insert(0, str(Path(__file__).parent))  # sglang_helpers
+for _k, _v in {
+    "SGLANG_USE_CPU_ENGINE": "1",
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "OMP_NUM_THREADS": "1",
+}.items():
+    os.environ.setdefault(_k, _v)
+os.environ["PYTHONPATH"] = os.pathsep.join([CPU_SUPPORT, *filter(None, [os.environ.get("PYTHONPATH")])])
+
+import importlib.util  # noqa: E402
+
+import pytest  # noqa: E402
+
+if importlib.util.find_spec("sglang") is None:  # the vLLM venv: nothing here to run
+    collect_ignore_glob = ["*"]
+
+CONTEXT = 128  # the tiny models' max_position_embeddings here
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_128(tmp_path_factory) -> str:
+    """The tiny random Llama of tests/tiny_models.py with a 128-position context."""
+    from tiny_models import build_tiny_llama
+
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama-128"), max_position_embeddings=CONTEXT)

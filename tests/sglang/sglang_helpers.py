@@ -1,0 +1,79 @@
+"""Drive the real ``sglang.Engine`` (CPU) and read what the plugin traced from its allocator.
+
+The Engine runs its scheduler in a spawned process; the plugin writes one JSON
+line per scheduler step to ``$SGLANG_SINK_TRACE``: the slots each running request
+holds and the slots in use in SGLang's allocator (sglang_sink/hooks.py:_trace).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+S, W, CHUNK = 4, 64, 100  # dense regime: tokens [0, 69); chunks of 100 cross the switch
+TOL = 2e-4  # float32 engine vs float64 oracle, logprobs (as for vLLM)
+
+
+def engine_args(model: str, policy: bool = True, **kwargs) -> dict:
+    args = dict(model_path=model, device="cpu", dtype="float32", random_seed=0, log_level="error",
+                max_total_tokens=2048, chunked_prefill_size=CHUNK, max_running_requests=8)
+    if policy:  # the stream may be far longer than the model's context
+        args.update(kv_policy="streaming-sink", sink_tokens=S, sink_window=W, context_length=16384)
+    args.update(kwargs)
+    return args
+
+
+def random_ids(n: int, seed: int, vocab: int = 383) -> list[int]:
+    """Ids in [3, vocab). SGLang reports prompt ids >= vocab_size - 1 as 0 in its
+    prompt logprobs (a clip meant for image-hash tokens), so the last id is left out."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, vocab, (n,), generator=g).tolist()
+
+
+def prompt_logprobs(engine, ids: list[int]) -> torch.Tensor:
+    """log p(ids[i] | ids[:i]) for i >= 1, teacher-forced through the engine."""
+    out = engine.generate(input_ids=[ids], sampling_params={"max_new_tokens": 1, "temperature": 0},
+                          return_logprob=True, logprob_start_len=0)
+    lp = out[0]["meta_info"]["input_token_logprobs"]
+    got = [t for _, t, _ in lp]
+    assert got == ids, f"{len(got)} prompt logprobs for {len(ids)} prompt tokens, or other ids"
+    return torch.tensor([x for x, _, _ in lp[1:]], dtype=torch.float64)
+
+
+def greedy(engine, prompts: list[list[int]], n: int) -> list[tuple[list[int], torch.Tensor]]:
+    """Concurrent greedy decodes: (tokens, their logprobs) per prompt."""
+    outs = engine.generate(input_ids=prompts, sampling_params={
+        "max_new_tokens": n, "temperature": 0, "ignore_eos": True}, return_logprob=True)
+    res = []
+    for out in outs:
+        lp = out["meta_info"]["output_token_logprobs"]
+        res.append(([t for _, t, _ in lp], torch.tensor([x for x, _, _ in lp], dtype=torch.float64)))
+    return res
+
+
+def oracle_token_logprobs(oracle, ids: list[int]) -> torch.Tensor:
+    lp = oracle.logprobs(ids)
+    return lp[:-1].gather(1, torch.tensor(ids[1:])[:, None]).squeeze(1).to(torch.float64)
+
+
+class Trace:
+    """The plugin's per-step records, from a fresh file."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def clear(self) -> None:
+        self.path.write_text("")
+
+    def records(self) -> list[dict]:
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+
+
+def trace_path(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("trace") / "steps.jsonl"
+    path.write_text("")
+    os.environ["SGLANG_SINK_TRACE"] = str(path)  # read by the scheduler at every step
+    return path

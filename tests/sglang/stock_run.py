@@ -1,0 +1,39 @@
+"""Run a fixed workload through sglang.Engine and print it as JSON (see test_sglang_stock.py).
+
+``python stock_run.py MODEL [engine keyword=json-value ...]``. Run with
+``SGLANG_PLUGINS=__none__`` it is stock SGLang: no plugin of ours is loaded at all.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+
+def workload(engine) -> dict:
+    from sglang_helpers import random_ids
+
+    prompts = [random_ids(n, seed=30 + n) for n in (5, 40, 60)]
+    outs = engine.generate(input_ids=prompts, sampling_params={"max_new_tokens": 60, "temperature": 0,
+                                                               "ignore_eos": True}, return_logprob=True)
+    ids = random_ids(127, seed=31)  # one token short of the context
+    plp = engine.generate(input_ids=[ids], sampling_params={"max_new_tokens": 1, "temperature": 0},
+                          return_logprob=True, logprob_start_len=0)
+    return {"greedy": [[list(x[:2]) for x in o["meta_info"]["output_token_logprobs"]] for o in outs],
+            "prompt_logprobs": [x[0] for x in plp[0]["meta_info"]["input_token_logprobs"]]}
+
+
+def main() -> None:
+    import sglang
+    from sglang_helpers import engine_args
+
+    extra = {k: json.loads(v) for k, v in (a.split("=", 1) for a in sys.argv[2:])}
+    engine = sglang.Engine(**engine_args(sys.argv[1], policy=False, **extra))
+    try:
+        print("RESULT " + json.dumps(workload(engine)), flush=True)
+    finally:
+        engine.shutdown()
+
+
+if __name__ == "__main__":
+    main()

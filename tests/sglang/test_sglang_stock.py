@@ -1,0 +1,47 @@
+"""Policy off: SGLang with this package installed computes exactly what stock SGLang does.
+
+Stock = a separate process with ``SGLANG_PLUGINS=__none__``, so SGLang loads no
+plugin of ours; the same workload runs in this process with the plugin loaded and
+``kv_policy`` left at "none". Outputs must be identical, not merely close.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from stock_run import workload
+from sglang_helpers import engine_args
+
+HERE = Path(__file__).parent
+
+
+@pytest.fixture(scope="module")
+def stock(tiny_llama_128) -> dict:
+    env = {**os.environ, "SGLANG_PLUGINS": "__none__"}
+    env.pop("SGLANG_SINK_TRACE", None)
+    env["PYTHONPATH"] = os.pathsep.join([str(HERE), str(HERE.parent), env["PYTHONPATH"]])
+    out = subprocess.run([sys.executable, str(HERE / "stock_run.py"), tiny_llama_128], env=env,
+                         capture_output=True, text=True, timeout=400, start_new_session=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "streaming_sink" not in out.stderr  # the stock run really ran without us
+    line = next(l for l in out.stdout.splitlines() if l.startswith("RESULT "))
+    return json.loads(line[len("RESULT "):])
+
+
+def test_policy_off_is_stock_sglang(tiny_llama_128, stock):
+    import sglang
+
+    engine = sglang.Engine(**engine_args(tiny_llama_128, policy=False))
+    try:
+        ours = workload(engine)
+    finally:
+        engine.shutdown()
+    assert ours["greedy"] == stock["greedy"]
+    assert ours["prompt_logprobs"] == stock["prompt_logprobs"]
+    assert len(ours["greedy"][2]) == 60 and len(ours["prompt_logprobs"]) == 127
