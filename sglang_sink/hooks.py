@@ -173,11 +173,9 @@ def apply_flags(server_args, flags: dict) -> None:
 def _streaming_defaults(sa) -> None:
     """Refuse what the policy cannot serve, naming the flag; set what it needs."""
     kw = {f: getattr(sa, f, None) for f in (
-        "attention_backend", "page_size", "kv_cache_dtype", "speculative_algorithm",
+        "page_size", "kv_cache_dtype", "speculative_algorithm",
         "enable_hierarchical_cache", "chunked_prefill_size", "context_length", "max_running_requests")}
     refused = [flag for flag, bad in (
-        ("--attention-backend (the policy brings its own; torch_native is its CPU base)",
-         kw.get("attention_backend") not in (None, "torch_native")),
         ("--page-size other than 1 (eviction and attention are token-granular here)",
          kw.get("page_size") not in (None, 1)),
         ("--kv-cache-dtype (quantized KV)", kw.get("kv_cache_dtype") not in (None, "auto")),
@@ -188,10 +186,14 @@ def _streaming_defaults(sa) -> None:
     ) if bad]
     if refused:
         raise PolicyConfigError(f"--kv-policy streaming-sink does not support {'; '.join(refused)}")
-    sa.attention_backend, sa.page_size = "torch_native", 1
+    sa.page_size = 1
     sa.disable_radix_cache = True  # slots past the window hold window-relative positions
     sa.disable_overlap_schedule = True  # frees happen between steps, never under a running batch
-    logger.info("streaming-sink: radix cache and overlap schedule off, attention base torch_native")
+    sa.disable_hybrid_swa_memory = True  # one pool: a layer's own window is an attention mask here
+    # --attention-backend is left as given (GPT-OSS insists on a name from its list): our
+    # backend replaces whatever SGLang builds from it (touch point 2).
+    logger.info("streaming-sink: radix cache, overlap schedule and hybrid SWA memory off; "
+                "the streaming-sink attention backend replaces %s", sa.attention_backend or "the default")
     if kw["context_length"] is None:
         sa.context_length = sink_config.DEFAULT_STREAM_LEN
     if kw["max_running_requests"] is None:

@@ -16,7 +16,7 @@ def workload(engine) -> dict:
     prompts = [random_ids(n, seed=30 + n) for n in (5, 40, 60)]
     outs = engine.generate(input_ids=prompts, sampling_params={"max_new_tokens": 60, "temperature": 0,
                                                                "ignore_eos": True}, return_logprob=True)
-    ids = random_ids(127, seed=31)  # one token short of the context
+    ids = random_ids(120, seed=31)  # SGLang admits prompts up to context - 6 tokens
     plp = engine.generate(input_ids=[ids], sampling_params={"max_new_tokens": 1, "temperature": 0},
                           return_logprob=True, logprob_start_len=0)
     return {"greedy": [[list(x[:2]) for x in o["meta_info"]["output_token_logprobs"]] for o in outs],

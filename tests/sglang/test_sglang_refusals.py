@@ -24,7 +24,6 @@ LAUNCHER = [sys.executable, "-m", "sglang.launch_server"]
     (dict(kv_policy="none", sink_window=W), "--kv-policy"),  # window without the policy
     (dict(kv_cache_dtype="fp8_e4m3"), "--kv-cache-dtype"),
     (dict(chunked_prefill_size=-1), "--chunked-prefill-size"),
-    (dict(attention_backend="triton"), "--attention-backend"),
     (dict(page_size=16), "--page-size"),
 ])
 def test_bad_config_refused_at_startup(tiny_llama_128, kwargs, flag):

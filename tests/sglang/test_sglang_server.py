@@ -17,7 +17,7 @@ import requests
 
 from conftest import CONTEXT
 from oracle import OracleLlama
-from sglang_helpers import TOL, S, Trace, W, oracle_token_logprobs, random_ids, trace_path
+from sglang_helpers import CHUNK, TOL, S, Trace, W, oracle_token_logprobs, random_ids, trace_path
 
 
 def _free_port() -> int:
