@@ -188,7 +188,9 @@ def _create_streaming_config(args, original_create, opts, *a, **kw):
     # Layers with their own window (GPT-OSS) keep it; refused here, before the
     # engine is built, when it reaches past the policy's window (the layer
     # construction checks again with the per-layer value: backend.py).
-    policy.check_layer_window(vllm_config.model_config.get_sliding_window(), "the model")
+    layer_window = vllm_config.model_config.get_sliding_window()
+    if isinstance(layer_window, int):
+        policy.check_layer_window(layer_window, "the model")
     vllm_config.additional_config[sink_config.KEY] = {
         **opts, "window_tokens": policy.window_tokens, "block_size": block_size}
     logger.info("%s; max_model_len %d", policy.describe(), vllm_config.model_config.max_model_len)
