@@ -236,6 +236,7 @@ def _build_backend(original, *, model_runner, backend_str, init_new_workspace):
 
 
 def _backend_class():
+    import torch
     from sglang.srt.layers.attention.torch_native_backend import TorchNativeAttnBackend
     from sglang.srt.mem_cache.memory_pool import KVWriteLoc
 
@@ -257,7 +258,7 @@ def _backend_class():
                 self.token_to_kv_pool.set_kv_buffer(layer, KVWriteLoc(fb.out_cache_loc, self.swa_out_cache_loc), k, v)
             n = q.shape[0] if q.dim() == 3 else q.numel() // (layer.tp_q_head_num * layer.qk_head_dim)
             q_ = q.reshape(n, layer.tp_q_head_num, layer.qk_head_dim)
-            o = torch_empty_like(q_)
+            o = torch.empty_like(q_)
             rows = self.req_to_token_pool.req_to_token[fb.req_pool_indices.long()]
             sw = layer.sliding_window_size  # SGLang's window counts back from the query: sw + 1 keys
             token_pool_attention(
@@ -275,12 +276,6 @@ def _backend_class():
             return self._run(q, k, v, layer, forward_batch, save_kv_cache, ones, **kw)
 
     return StreamingSinkAttnBackend
-
-
-def torch_empty_like(x):
-    import torch
-
-    return torch.empty_like(x)
 
 
 def _layer_ropes(model, policy: SinkPolicy) -> dict:

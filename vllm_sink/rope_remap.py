@@ -76,6 +76,7 @@ def install(model: torch.nn.Module, impl_cls: type, attention_cls: type) -> int:
     module beside it. Returns how many layers were wired."""
     wired: set[int] = set()
     wrappers: dict[int, CachePositionRope] = {}  # one wrapper per shared rotary module
+    params: dict[int, RotaryParams] = {}  # one table read per rotary module (YaRN: 131072 rows)
     for parent_name, parent in list(model.named_modules()):
         rope = getattr(parent, "rotary_emb", None)
         if not isinstance(rope, torch.nn.Module):
@@ -83,7 +84,10 @@ def install(model: torch.nn.Module, impl_cls: type, attention_cls: type) -> int:
         for child_name, child in parent.named_children():
             if isinstance(child, attention_cls) and isinstance(child.impl, impl_cls):
                 policy = child.impl.policy
-                child.impl.rope = rotary_params(rope, policy, f"{parent_name}.{child_name}")
+                base = rope.rope if isinstance(rope, CachePositionRope) else rope
+                if id(base) not in params:
+                    params[id(base)] = rotary_params(base, policy, f"{parent_name}.{child_name}")
+                child.impl.rope = params[id(base)]
                 if not isinstance(rope, CachePositionRope):
                     rope = wrappers.setdefault(id(rope), CachePositionRope(rope, policy))
                     parent.rotary_emb = rope

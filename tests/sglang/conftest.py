@@ -5,32 +5,39 @@ thread per process (these machines have 2 shared cores; tiny per-token ops
 under contended OpenMP run ~50x slower), and the CPU stand-in for the CUDA-only
 ``sgl_kernel`` first on the path, for this process, the Engine's spawned
 scheduler (it inherits sys.path) and server subprocesses (PYTHONPATH).
+In a venv without SGLang (the vLLM one) this folder collects nothing and
+changes nothing.
 """
 
+import importlib.util
 import os
 import sys
 from pathlib import Path
 
+import pytest
+
+# Not a bare find_spec: with tests/ on sys.path, this very folder is a namespace
+# package named "sglang" (the real, regular package wins wherever it is installed).
+_spec = importlib.util.find_spec("sglang")
+HAVE_SGLANG = _spec is not None and _spec.origin is not None
 CPU_SUPPORT = str(Path(__file__).parent / "cpu_support")
-sys.path.insert(0, CPU_SUPPORT)
-sys.path.insert(0, str(Path(__file__).parent))  # sglang_helpers
-for _k, _v in {
-    "SGLANG_USE_CPU_ENGINE": "1",
-    "HF_HUB_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-    "OMP_NUM_THREADS": "1",
-}.items():
-    os.environ.setdefault(_k, _v)
-os.environ["PYTHONPATH"] = os.pathsep.join([CPU_SUPPORT, *filter(None, [os.environ.get("PYTHONPATH")])])
-
-import importlib.util  # noqa: E402
-
-import pytest  # noqa: E402
-
-if importlib.util.find_spec("sglang") is None:  # the vLLM venv: nothing here to run
-    collect_ignore_glob = ["*"]
-
 CONTEXT = 128  # the tiny models' max_position_embeddings here
+
+if HAVE_SGLANG:
+    sys.path.insert(0, CPU_SUPPORT)
+    sys.path.insert(0, str(Path(__file__).parent))  # sglang_helpers, stock_run
+    for _k, _v in {
+        "SGLANG_USE_CPU_ENGINE": "1",
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "OMP_NUM_THREADS": "1",
+    }.items():
+        os.environ.setdefault(_k, _v)
+    os.environ["PYTHONPATH"] = os.pathsep.join([CPU_SUPPORT, *filter(None, [os.environ.get("PYTHONPATH")])])
+
+
+def pytest_ignore_collect(collection_path, config):
+    return not HAVE_SGLANG
 
 
 @pytest.fixture(scope="session")
