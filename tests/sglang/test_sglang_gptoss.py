@@ -4,13 +4,11 @@
 SGLang keeps GPT-OSS's sink logits in bfloat16 (float32 only for trtllm_mha), so the model's
 sinks are written bfloat16-exact: the comparison is then of the attention, not of a cast.
 
-Skipped: SGLang 0.5.23 cannot run an unquantized GPT-OSS MoE on CPU, with or without
-this plugin. Its loader transposes every expert matrix, so a transformers checkpoint
-([experts, in, out]) fails in ``_load_w13`` (128 vs 256), and a checkpoint stored
-[experts, out, in] loads but leaves w13 as [experts, hidden, 2*intermediate], which the
-CPU path ``moe_forward_native`` multiplies as [out, in]: "mat1 and mat2 shapes cannot
-be multiplied (54x128 and 256x128)". Only a square 2*intermediate == hidden config runs,
-and then with transposed expert weights. Un-skip when SGLang's CPU MoE path is fixed.
+On CPU, SGLang 0.5.23 picks its ``triton_kernel`` MoE runner for an unquantized GPT-OSS,
+whose transposed expert layout its CPU fallback then multiplies the wrong way round
+("mat1 and mat2 shapes cannot be multiplied"), with or without this plugin; the
+``triton`` runner (``--moe-runner-backend triton``) loads the transformers checkpoint as
+is and runs it through the native MoE path.
 """
 
 from __future__ import annotations
@@ -22,8 +20,6 @@ from oracle_gptoss import OracleGptOss
 from sglang_helpers import TOL, S, W, engine_args, greedy, oracle_token_logprobs, prompt_logprobs, random_ids
 
 CONTEXT = 128  # YaRN factor 4 over 32 original positions
-pytestmark = pytest.mark.skip(reason="SGLang 0.5.23: unquantized GPT-OSS MoE does not run on CPU "
-                                     "(expert layout mismatch in moe_forward_native); see module docstring")
 
 
 @pytest.fixture(scope="module")
@@ -43,28 +39,11 @@ def tiny_gptoss(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="module")
-def sglang_copy(tiny_gptoss, tmp_path_factory) -> str:
-    """The same model with expert matrices stored [experts, out, in]: the layout SGLang
-    0.5.23's unquantized GPT-OSS loader transposes from (transformers saves [experts, in, out])."""
-    import shutil
-
-    from safetensors.torch import load_file, save_file
-
-    path = tmp_path_factory.mktemp("tiny-gptoss-sglang")
-    shutil.copytree(tiny_gptoss, path, dirs_exist_ok=True)
-    weights = load_file(f"{path}/model.safetensors")
-    for name in [n for n in weights if n.endswith(("experts.gate_up_proj", "experts.down_proj"))]:
-        weights[name] = weights[name].transpose(-2, -1).contiguous()
-    save_file(weights, f"{path}/model.safetensors", metadata={"format": "pt"})
-    return str(path)
-
-
-@pytest.fixture(scope="module")
-def engine(sglang_copy):
+def engine(tiny_gptoss):
     import sglang
 
     # GPT-OSS in SGLang insists on a backend name from its list; ours replaces it.
-    eng = sglang.Engine(**engine_args(sglang_copy, attention_backend="triton"))
+    eng = sglang.Engine(**engine_args(tiny_gptoss, attention_backend="triton", moe_runner_backend="triton"))
     try:
         yield eng
     finally:
