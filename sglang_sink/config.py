@@ -1,4 +1,4 @@
-"""The policy's settings: flag checks and how they ride on SGLang's ServerArgs.
+"""The policy's settings: how they ride on SGLang's ServerArgs.
 
 ``ServerArgs`` is a fixed dataclass (a plugin cannot add fields), so the
 settings travel as one plain instance attribute, ``streaming_sink``, which
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from streaming_sink.policy import DEFAULT_SINK_TOKENS, KV_POLICIES, PolicyConfigError, SinkPolicy
+from streaming_sink.policy import SinkPolicy
 
 ATTR = "streaming_sink"
 FLAGS = ("kv_policy", "sink_tokens", "sink_window")
@@ -20,25 +20,6 @@ DEFAULT_STREAM_LEN = 131072
 # With the policy on and no --max-running-requests: that table's rows (SGLang's CPU
 # default, 2048 rows of 131072 tokens, would be 1 GiB).
 DEFAULT_MAX_RUNNING_REQUESTS = 64
-
-
-def requested(kv_policy: str | None, sink_tokens: int | None, sink_window: int | None) -> dict[str, Any] | None:
-    """The user's flags checked for what needs no model; None when the policy is off.
-    Same rules and messages as vllm_sink/config.py:requested."""
-    kv_policy = kv_policy or "none"
-    if kv_policy not in KV_POLICIES:
-        raise PolicyConfigError(f"--kv-policy must be one of {', '.join(KV_POLICIES)}, got {kv_policy!r}")
-    if kv_policy == "none":
-        if sink_tokens is not None or sink_window is not None:
-            raise PolicyConfigError("--sink-tokens / --sink-window need --kv-policy streaming-sink")
-        return None
-    sink_tokens = DEFAULT_SINK_TOKENS if sink_tokens is None else int(sink_tokens)
-    if sink_tokens < 0:
-        raise PolicyConfigError(f"--sink-tokens must be >= 0 (0 is plain window attention), got {sink_tokens}")
-    if sink_window is not None and int(sink_window) <= 0:
-        raise PolicyConfigError(f"--sink-window must be a positive number of tokens, got {sink_window}")
-    return {"kv_policy": kv_policy, "sink_tokens": sink_tokens,
-            "sink_window": None if sink_window is None else int(sink_window)}
 
 
 def policy_of(server_args) -> SinkPolicy | None:

@@ -32,7 +32,8 @@ import json
 import logging
 import os
 
-from streaming_sink.policy import PolicyConfigError, SinkPolicy
+from streaming_sink.policy import PolicyConfigError, SinkPolicy, check_flags
+from streaming_sink.rope import params_from_cos_sin_table
 
 from . import config as sink_config
 from .pool import EvictionCursor
@@ -158,7 +159,7 @@ def apply_flags(server_args, flags: dict) -> None:
     """Checks the flags, refuses what the policy cannot serve (naming the flag), sets
     the engine defaults it needs and attaches the resolved policy. Before SGLang's
     own resolution, in the main process: every refusal happens at startup."""
-    opts = sink_config.requested(**flags)
+    opts = check_flags(**flags)
     if opts is None:
         return
     check_version()
@@ -282,8 +283,6 @@ def _layer_ropes(model, policy: SinkPolicy) -> dict:
     """Each RadixAttention layer's rotary frequencies, from the ``rotary_emb`` beside it."""
     from sglang.srt.layers.radix_attention import RadixAttention
 
-    from .rope import rotary_params
-
     ropes, layers = {}, []
     for parent_name, parent in model.named_modules():
         for child_name, child in parent.named_children():
@@ -294,8 +293,8 @@ def _layer_ropes(model, policy: SinkPolicy) -> dict:
             if rope is None or not all(hasattr(rope, a) for a in ("rotary_dim", "is_neox_style", "cos_sin_cache")):
                 continue
             table = rope._compute_cos_sin_cache()  # float32, before any dtype cast
-            ropes[child.layer_id] = rotary_params(table, rope.rotary_dim, rope.is_neox_style,
-                                                  policy, f"{parent_name}.{child_name}")
+            ropes[child.layer_id] = params_from_cos_sin_table(
+                table, rope.rotary_dim, rope.is_neox_style, policy, f"{parent_name}.{child_name}")
     if len(ropes) != len(layers):
         raise PolicyConfigError(
             f"--kv-policy streaming-sink needs RoPE attention; {len(layers) - len(ropes)} attention "

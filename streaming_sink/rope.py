@@ -9,9 +9,12 @@ This is a *pure* rotation: any magnitude scaling of the rotary embedding
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
+
+from .policy import PolicyConfigError, SinkPolicy
 
 
 @dataclass(frozen=True)
@@ -44,3 +47,30 @@ def rotate(x: torch.Tensor, positions: torch.Tensor, rope: RotaryParams) -> torc
         x1, x2 = rot[..., 0::2], rot[..., 1::2]
         out = torch.stack([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).flatten(-2)
     return torch.cat([out, rest.expand(*out.shape[:-1], rest.shape[-1])], dim=-1)
+
+
+def params_from_cos_sin_table(table: torch.Tensor, rotary_dim: int, is_neox_style: bool,
+                              policy: SinkPolicy, name: str) -> RotaryParams:
+    """A layer's pure-rotation frequencies, read off its engine's rotary table.
+
+    ``table``: the module's float32 ``[positions, rotary_dim]`` table, cos half then
+    sin half (vLLM's and SGLang's layout). The frequencies are ``atan2(sin, cos)`` at
+    position 1, which drops any magnitude factor (YaRN's mscale) and covers every
+    position-linear scaling (linear, NTK, Llama-3, YaRN); a table that is not such a
+    rotation up to the policy's largest position is refused.
+    """
+    policy.check_rotary_table(table.shape[0], f"layer {name}")
+    table = table.to(torch.float64)
+    half = rotary_dim // 2
+    cos, sin = table[:, :half], table[:, half:]
+    inv_freq = torch.atan2(sin[1], cos[1])
+    scale = torch.hypot(cos[1], sin[1])
+    p = torch.tensor([0.0, policy.max_position], dtype=torch.float64)
+    ang = p[:, None] * inv_freq
+    err = max((cos[[0, policy.max_position]] - scale * ang.cos()).abs().max().item(),
+              (sin[[0, policy.max_position]] - scale * ang.sin()).abs().max().item())
+    if not math.isfinite(err) or err > 1e-3:
+        raise PolicyConfigError(
+            f"--kv-policy streaming-sink: the rotary embedding of layer {name} is not a rotation "
+            f"linear in the position; not supported")
+    return RotaryParams(inv_freq.float(), rotary_dim, bool(is_neox_style))

@@ -225,13 +225,15 @@ def test_rotary_frequencies_are_pure_yarn_rotations():
     """The per-block query rotation reads vLLM's YaRN table as a pure rotation:
     the YaRN frequencies (as HF/the oracle compute them), without the magnitude."""
     from oracle_gptoss import yarn_attention_factor, yarn_inv_freq
+    from vllm.config import VllmConfig, set_current_vllm_config
     from vllm.model_executor.layers.rotary_embedding import get_rope
 
     from vllm_sink.rope_remap import rotary_params
 
-    rope = get_rope(32, max_position=CONTEXT, dtype=torch.float32, is_neox_style=True, rope_parameters={
-        "rope_theta": 10000.0, "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64,
-        "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False})
+    with set_current_vllm_config(VllmConfig()):  # a CustomOp: needs a config even outside an engine
+        rope = get_rope(32, max_position=CONTEXT, dtype=torch.float32, is_neox_style=True, rope_parameters={
+            "rope_theta": 10000.0, "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64,
+            "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False})
     assert rope.mscale == pytest.approx(yarn_attention_factor(4.0)) and rope.mscale > 1.1
     params = rotary_params(rope, POLICY, "yarn")
     want = yarn_inv_freq(32, 10000.0, 4.0, 64, 32.0, 1.0, truncate=False)

@@ -26,7 +26,7 @@ import contextlib
 import functools
 import logging
 
-from streaming_sink.policy import PolicyConfigError, SinkPolicy
+from streaming_sink.policy import PolicyConfigError, SinkPolicy, check_flags
 
 from . import config as sink_config
 
@@ -118,7 +118,7 @@ def _install_flags() -> None:
         if opts is None:
             return original_create(self, *args, **kwargs)
         # Also validates settings given as additional_config={"streaming_sink": {...}}.
-        opts = sink_config.requested(opts.get("kv_policy"), opts.get("sink_tokens"), opts.get("sink_window"))
+        opts = check_flags(opts.get("kv_policy"), opts.get("sink_tokens"), opts.get("sink_window"))
         return _create_streaming_config(self, original_create, opts, *args, **kwargs)
 
     EngineArgs.create_engine_config = create_engine_config
@@ -139,7 +139,7 @@ def _wrap_init(cls) -> None:
 def _store_flags(engine_args, flags: dict) -> None:
     if flags["kv_policy"] in (None, "none") and flags["sink_tokens"] is None and flags["sink_window"] is None:
         return
-    opts = sink_config.requested(**flags)
+    opts = check_flags(**flags)
     engine_args.additional_config = {**(engine_args.additional_config or {}), sink_config.KEY: opts}
 
 

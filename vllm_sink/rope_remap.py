@@ -10,42 +10,22 @@ attention has no RoPE or whose rotary table is too short for the window.
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from streaming_sink.policy import PolicyConfigError, SinkPolicy
-from streaming_sink.rope import RotaryParams
+from streaming_sink.rope import RotaryParams, params_from_cos_sin_table
 
 
 def rotary_params(rope: torch.nn.Module, policy: SinkPolicy, name: str) -> RotaryParams:
-    """Pure-rotation frequencies of a vLLM rotary module, checked against its table.
-
-    The frequencies are read off the module's own float32 table at position 1
-    (``atan2(sin, cos)``), which drops any magnitude factor (YaRN's mscale)
-    and covers every position-linear scaling (linear, NTK, Llama-3, YaRN).
-    """
+    """Pure-rotation frequencies of a vLLM rotary module, checked against its table."""
     for attr in ("rotary_dim", "is_neox_style", "cos_sin_cache"):
         if not hasattr(rope, attr):
             raise PolicyConfigError(
                 f"--kv-policy streaming-sink: layer {name} uses {type(rope).__name__}, "
                 f"which is not a standard rotary embedding")
-    table_len = rope.cos_sin_cache.shape[0]
-    policy.check_rotary_table(table_len, f"layer {name}")
-    table = rope._compute_cos_sin_cache().to(torch.float64)  # float32 before the dtype cast
-    half = rope.rotary_dim // 2
-    cos, sin = table[:, :half], table[:, half:]
-    inv_freq = torch.atan2(sin[1], cos[1])
-    scale = torch.hypot(cos[1], sin[1])
-    p = torch.tensor([0.0, policy.max_position], dtype=torch.float64)
-    ang = p[:, None] * inv_freq
-    err = max((cos[[0, policy.max_position]] - scale * ang.cos()).abs().max().item(),
-              (sin[[0, policy.max_position]] - scale * ang.sin()).abs().max().item())
-    if not math.isfinite(err) or err > 1e-3:
-        raise PolicyConfigError(
-            f"--kv-policy streaming-sink: the rotary embedding of layer {name} "
-            f"({type(rope).__name__}) is not a rotation linear in the position; not supported")
-    return RotaryParams(inv_freq.float(), rope.rotary_dim, bool(rope.is_neox_style))
+    table = rope._compute_cos_sin_cache()  # float32, before the dtype cast
+    return params_from_cos_sin_table(table, rope.rotary_dim, rope.is_neox_style, policy,
+                                     f"{name} ({type(rope).__name__})")
 
 
 class CachePositionRope(torch.nn.Module):
