@@ -208,7 +208,40 @@ def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
     return weights
 
 
-class OracleLlama:
+class StepOracle:
+    """Streams through a one-token ``step`` (subclasses: ``reset(capacity)``, ``step(id)``
+    -> next-token logits, float64)."""
+
+    @torch.no_grad()
+    def logprobs(self, token_ids) -> torch.Tensor:
+        """Teacher forcing from a fresh stream: row ``i`` is ``log_softmax`` of the
+        next-token logits after ``token_ids[: i + 1]``. Returns float64 [T, vocab]."""
+        ids = [int(i) for i in token_ids]
+        self.reset(max(len(ids), 1))
+        with _one_thread():
+            return torch.stack([torch.log_softmax(self.step(i), -1) for i in ids])
+
+    @torch.no_grad()
+    def greedy(self, prompt_ids, n: int) -> list[int]:
+        """From a fresh stream: feed ``prompt_ids``, then decode ``n`` tokens greedily
+        (argmax, lowest id on exact ties; EOS does not stop). Returns the ``n`` new ids."""
+        ids = [int(i) for i in prompt_ids]
+        if not ids:
+            raise ValueError("empty prompt")
+        self.reset(len(ids) + n)
+        out = []
+        with _one_thread():
+            for i in ids:
+                logits = self.step(i)
+            for _ in range(n):
+                nxt = int(torch.argmax(logits))
+                out.append(nxt)
+                if len(out) < n:
+                    logits = self.step(nxt)
+        return out
+
+
+class OracleLlama(StepOracle):
     """An HF ``LlamaForCausalLM`` folder (config.json + safetensors) run one token at a
     time in float64 with a PRE-RoPE KV cache, attention under the contract.
 
@@ -327,32 +360,3 @@ class OracleLlama:
             x = x + (torch.nn.functional.silu(g) * u) @ L["wd"] + L["bd"]
         self.t = t + 1
         return self._rms(x, self.final_norm) @ self.lm_head.T
-
-    # ---- streams -------------------------------------------------------
-    @torch.no_grad()
-    def logprobs(self, token_ids) -> torch.Tensor:
-        """Teacher forcing from a fresh stream: row ``i`` is ``log_softmax`` of the
-        next-token logits after ``token_ids[: i + 1]``. Returns float64 [T, vocab]."""
-        ids = [int(i) for i in token_ids]
-        self.reset(max(len(ids), 1))
-        with _one_thread():
-            return torch.stack([torch.log_softmax(self.step(i), -1) for i in ids])
-
-    @torch.no_grad()
-    def greedy(self, prompt_ids, n: int) -> list[int]:
-        """From a fresh stream: feed ``prompt_ids``, then decode ``n`` tokens greedily
-        (argmax, lowest id on exact ties; EOS does not stop). Returns the ``n`` new ids."""
-        ids = [int(i) for i in prompt_ids]
-        if not ids:
-            raise ValueError("empty prompt")
-        self.reset(len(ids) + n)
-        out = []
-        with _one_thread():
-            for i in ids:
-                logits = self.step(i)
-            for _ in range(n):
-                nxt = int(torch.argmax(logits))
-                out.append(nxt)
-                if len(out) < n:
-                    logits = self.step(nxt)
-        return out

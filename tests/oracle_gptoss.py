@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from oracle import F64, Contract, _attend_one, _load_safetensors, _one_thread, rope
+from oracle import F64, Contract, StepOracle, _attend_one, _load_safetensors, rope
 
 
 def yarn_inv_freq(dim: int, base: float, factor: float, original_max: int, beta_fast: float = 32.0,
@@ -59,7 +59,7 @@ def yarn_attention_factor(factor: float, attention_factor: float | None = None) 
     return 1.0 if factor <= 1 else 0.1 * math.log(factor) + 1.0
 
 
-class OracleGptOss:
+class OracleGptOss(StepOracle):
     """An HF GPT-OSS folder (unquantized safetensors) run token by token in float64
     under the contract. ``sink_tokens=None``: the policy off (dense; every layer
     sees keys ``[0, t]``, sliding layers their own window, natural positions)."""
@@ -171,28 +171,3 @@ class OracleGptOss:
             x = x + self._moe(self._rms(x, L["ln2"]), L)
         self.t = t + 1
         return self.lm_head @ self._rms(x, self.final_norm)
-
-    # ---- streams (same API as OracleLlama) -------------------------------
-    @torch.no_grad()
-    def logprobs(self, token_ids) -> torch.Tensor:
-        ids = [int(i) for i in token_ids]
-        self.reset(max(len(ids), 1))
-        with _one_thread():
-            return torch.stack([torch.log_softmax(self.step(i), -1) for i in ids])
-
-    @torch.no_grad()
-    def greedy(self, prompt_ids, n: int) -> list[int]:
-        ids = [int(i) for i in prompt_ids]
-        if not ids:
-            raise ValueError("empty prompt")
-        self.reset(len(ids) + n)
-        out = []
-        with _one_thread():
-            for i in ids:
-                logits = self.step(i)
-            for _ in range(n):
-                nxt = int(torch.argmax(logits))
-                out.append(nxt)
-                if len(out) < n:
-                    logits = self.step(nxt)
-        return out

@@ -8,24 +8,17 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import threading
-import time
 
 import pytest
 import requests
 
+from server_process import free_port, running_server
+
 CONTEXT = 256
 SERVER = [sys.executable, "-m", "vllm.entrypoints.openai.api_server"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _env() -> dict:
@@ -36,36 +29,14 @@ def _env() -> dict:
 
 @pytest.fixture(scope="module")
 def server(tiny_llama, tmp_path_factory):
-    port = _free_port()
+    port = free_port()
     log = tmp_path_factory.mktemp("server") / "server.log"
     cmd = SERVER + ["--model", tiny_llama, "--host", "127.0.0.1", "--port", str(port),
                     "--kv-policy", "streaming-sink", "--sink-tokens", "4", "--sink-window", "128",
                     "--block-size", "32", "--max-model-len", "16384", "--dtype", "float32",
                     "--max-num-batched-tokens", "256"]
-    with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=_env(),
-                                start_new_session=True)  # one group: cleanup reaches vLLM's workers
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 240
-        while time.time() < deadline:
-            if proc.poll() is not None:
-                pytest.fail(f"server exited {proc.returncode}:\n{log.read_text()[-4000:]}")
-            try:
-                if requests.get(base + "/health", timeout=2).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                pass
-            time.sleep(1)
-        else:
-            pytest.fail(f"server not healthy in 240 s:\n{log.read_text()[-4000:]}")
+    with running_server(cmd, port, log, _env(), timeout=240) as base:
         yield base, log
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
 
 
 def _model(base: str) -> str:
@@ -126,7 +97,7 @@ def test_cli_flags_in_help_and_bad_values_refused(tiny_llama):
     for flag in ("--kv-policy", "--sink-tokens", "--sink-window"):
         assert flag in help_text
     bad = subprocess.run(SERVER + ["--model", tiny_llama, "--kv-policy", "streaming-sink",
-                                   "--block-size", "32", "--sink-window", "100", "--port", str(_free_port())],
+                                   "--block-size", "32", "--sink-window", "100", "--port", str(free_port())],
                          capture_output=True, text=True, env=_env(), timeout=180)
     assert bad.returncode != 0
     assert "--sink-window must be a positive multiple of the KV block size (32)" in bad.stdout + bad.stderr

@@ -6,9 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import socket
-import subprocess
 import sys
 import time
 
@@ -17,50 +14,22 @@ import requests
 
 from conftest import CONTEXT
 from oracle import OracleLlama
+from server_process import free_port, running_server
 from sglang_helpers import CHUNK, TOL, S, Trace, W, oracle_token_logprobs, random_ids, trace_path
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def server(tiny_llama_128, tmp_path_factory):
     trace = Trace(trace_path(tmp_path_factory))
-    port = _free_port()
+    port = free_port()
     log = tmp_path_factory.mktemp("server") / "server.log"
     cmd = [sys.executable, "-m", "sglang.launch_server", "--model-path", tiny_llama_128,
            "--host", "127.0.0.1", "--port", str(port), "--device", "cpu", "--dtype", "float32",
            "--kv-policy", "streaming-sink", "--sink-tokens", str(S), "--sink-window", str(W),
            "--max-total-tokens", "2048", "--chunked-prefill-size", str(CHUNK), "--context-length", "16384",
            "--max-running-requests", "8", "--skip-server-warmup"]
-    with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=dict(os.environ),
-                                start_new_session=True)  # one group: cleanup reaches the scheduler
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 300
-        while time.time() < deadline:
-            if proc.poll() is not None:
-                pytest.fail(f"server exited {proc.returncode}:\n{log.read_text()[-4000:]}")
-            try:
-                if requests.get(base + "/health", timeout=2).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                pass
-            time.sleep(1)
-        else:
-            pytest.fail(f"server not healthy in 300 s:\n{log.read_text()[-4000:]}")
+    with running_server(cmd, port, log, dict(os.environ), timeout=300) as base:
         yield base, trace, log
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(10)
 
 
 def _used_tokens(base: str) -> int:

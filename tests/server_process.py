@@ -1,0 +1,55 @@
+"""Start a real HTTP server (vLLM's or SGLang's stock launcher) on 127.0.0.1 for a test.
+
+Engine-free, so both test venvs use it. The server runs in its own process group,
+so cleanup reaches the engine's child processes (vLLM's engine core and worker,
+SGLang's scheduler and detokenizer) too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def running_server(cmd: list[str], port: int, log: Path, env: dict, timeout: float = 300):
+    """Run ``cmd`` (which must serve on ``port``) until ``/health`` answers 200; yields the
+    base URL. A server that exits or stays unhealthy fails the test with its log's tail."""
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if proc.poll() is not None:
+                pytest.fail(f"server exited {proc.returncode}:\n{log.read_text()[-4000:]}")
+            try:
+                if requests.get(base + "/health", timeout=2).status_code == 200:
+                    break
+            except requests.ConnectionError:
+                pass
+            time.sleep(1)
+        else:
+            pytest.fail(f"server not healthy in {timeout:.0f} s:\n{log.read_text()[-4000:]}")
+        yield base
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
