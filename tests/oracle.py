@@ -209,8 +209,28 @@ def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 class StepOracle:
-    """Streams through a one-token ``step`` (subclasses: ``reset(capacity)``, ``step(id)``
-    -> next-token logits, float64)."""
+    """Streams through a one-token ``step`` (subclasses: ``step(id)`` -> next-token logits,
+    float64, reading and growing the pre-RoPE caches below; ``n_layers``, ``hkv``,
+    ``head_dim``, ``eps``)."""
+
+    def reset(self, capacity: int = 256) -> None:
+        """Forget the stream (empty pre-RoPE caches)."""
+        self.t = 0
+        shape = (self.n_layers, capacity, self.hkv, self.head_dim)
+        self.k_cache = torch.zeros(shape, dtype=F64)  # PRE-RoPE keys, by absolute position
+        self.v_cache = torch.zeros(shape, dtype=F64)
+
+    def _ensure(self, n: int) -> None:
+        cap = self.k_cache.shape[1]
+        if n <= cap:
+            return
+        new = max(n, 2 * cap)
+        pad = (0, 0, 0, 0, 0, new - cap)
+        self.k_cache = torch.nn.functional.pad(self.k_cache, pad)
+        self.v_cache = torch.nn.functional.pad(self.v_cache, pad)
+
+    def _rms(self, x, wt):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * wt
 
     @torch.no_grad()
     def logprobs(self, token_ids) -> torch.Tensor:
@@ -301,26 +321,6 @@ class OracleLlama(StepOracle):
                 bd=w.get(p + "mlp.down_proj.bias", z(self.hidden))))
         self.scale = self.head_dim ** -0.5
         self.reset()
-
-    # ---- state ---------------------------------------------------------
-    def reset(self, capacity: int = 256) -> None:
-        """Forget the stream (empty pre-RoPE caches)."""
-        self.t = 0
-        shape = (self.n_layers, capacity, self.hkv, self.head_dim)
-        self.k_cache = torch.zeros(shape, dtype=F64)  # PRE-RoPE keys, by absolute position
-        self.v_cache = torch.zeros(shape, dtype=F64)
-
-    def _ensure(self, n: int) -> None:
-        cap = self.k_cache.shape[1]
-        if n <= cap:
-            return
-        new = max(n, 2 * cap)
-        pad = (0, 0, 0, 0, 0, new - cap)
-        self.k_cache = torch.nn.functional.pad(self.k_cache, pad)
-        self.v_cache = torch.nn.functional.pad(self.v_cache, pad)
-
-    def _rms(self, x, wt):
-        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * wt
 
     # ---- one token -----------------------------------------------------
     def step(self, token_id: int) -> torch.Tensor:

@@ -115,23 +115,6 @@ class OracleGptOss(StepOracle):
         self.scale = self.head_dim ** -0.5
         self.reset()
 
-    # ---- state ---------------------------------------------------------
-    def reset(self, capacity: int = 256) -> None:
-        self.t = 0
-        shape = (self.n_layers, capacity, self.hkv, self.head_dim)
-        self.k_cache = torch.zeros(shape, dtype=F64)  # PRE-RoPE keys, by absolute position
-        self.v_cache = torch.zeros(shape, dtype=F64)
-
-    def _ensure(self, n: int) -> None:
-        cap = self.k_cache.shape[1]
-        if n > cap:
-            pad = (0, 0, 0, 0, 0, max(n, 2 * cap) - cap)
-            self.k_cache = torch.nn.functional.pad(self.k_cache, pad)
-            self.v_cache = torch.nn.functional.pad(self.v_cache, pad)
-
-    def _rms(self, x, wt):
-        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * wt
-
     def _moe(self, h, L):
         logits = L["wr"] @ h + L["br"]
         top, idx = torch.topk(logits, self.top_k)
