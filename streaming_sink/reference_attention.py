@@ -54,9 +54,17 @@ def paged_attention_ref(
         out = torch.empty_like(q)
     qsl = query_start_loc.tolist()
     lens = seq_lens.tolist()
+    decode = [i for i in range(len(lens)) if qsl[i + 1] - qsl[i] == 1]
+    if policy is not None and len(decode) > 1:  # one batched pass: per-sequence ops cost more than the math
+        rows = torch.tensor([qsl[i] for i in decode], device=q.device)
+        out[rows] = _decode_batch(q[rows], torch.tensor([lens[i] - 1 for i in decode], device=q.device),
+                                  k_cache, v_cache, block_table[decode], scale, policy, rope, sinks,
+                                  sliding_window).to(out.dtype)
+    else:
+        decode = []
     for i in range(len(lens)):
         q_lo, q_hi = qsl[i], qsl[i + 1]
-        if q_hi == q_lo:
+        if q_hi == q_lo or i in decode:
             continue
         first_t = lens[i] - (q_hi - q_lo)
         t_all = torch.arange(first_t, lens[i], device=q.device)
@@ -118,3 +126,43 @@ def _block_group(q, t, j, k_cache, v_cache, table, scale, policy, rope, sinks, s
     # included: 0 * NaN would leak into the output, so drop them from v.
     v = torch.where(mask.any(0)[:, None, None], v.flatten(0, 1), 0.0)
     return torch.einsum("qhn,nhd->qhd", p, v)
+
+
+def _decode_batch(q, t, k_cache, v_cache, tables, scale, policy, rope, sinks, sliding_window):
+    """One query per sequence (``q`` [B, Hq, D] at positions ``t`` [B]), batched: the
+    same rules as ``_block_group``, over ``Sb + Wb + 1`` block columns per sequence
+    (a dense sequence's unused columns point at block 0 and are masked)."""
+    bs, hkv = k_cache.shape[1], k_cache.shape[2]
+    B, hq, d = q.shape
+    j = t // bs
+    streaming = policy.is_streaming(j)  # [B]
+    col = torch.arange(policy.dense_blocks, device=q.device)
+    win = j[:, None] - policy.window_blocks + (col[None, :] - policy.sink_blocks)
+    blk = torch.where(streaming[:, None] & (col[None, :] >= policy.sink_blocks), win, col[None, :])
+    used = blk <= j[:, None]  # [B, nb]; a layer's own window is a token mask below
+    blk = torch.where(used, blk, 0)
+    phys = torch.gather(tables.long(), 1, blk)
+    k = k_cache[phys].float()  # [B, nb, bs, Hkv, D]
+    v = v_cache[phys].float()
+
+    delta = torch.where(blk < policy.sink_blocks, 0, policy.query_delta(j[:, None], blk))  # 0 when dense
+    qb = rotate(q[:, None].expand(B, blk.shape[1], hq, d), delta, rope)  # [B, nb, Hq, D]
+    qb = qb.view(B, blk.shape[1], hkv, hq // hkv, d)
+    s = torch.einsum("bnhgd,bnkhd->bhgnk", qb, k).reshape(B, hq, -1) * scale  # [B, Hq, nb*bs]
+
+    key = (blk[:, :, None] * bs + torch.arange(bs, device=q.device)).flatten(1)  # [B, nb*bs]
+    tq = t[:, None]
+    mask = used.repeat_interleave(bs, dim=1) & (key <= tq)
+    if sliding_window is None:
+        mask &= ~streaming[:, None] | (key < policy.sink_tokens) | (key >= policy.window_start(j)[:, None])
+    else:
+        mask &= (tq - key) < sliding_window
+    s = s.masked_fill(~mask[:, None, :], float("-inf"))
+    if sinks is not None:  # a learned logit per head: one more denominator term, no value
+        s = torch.cat([s, sinks.float().view(1, -1, 1).expand(B, -1, 1)], dim=-1)
+    p = torch.softmax(s, dim=-1)
+    if sinks is not None:
+        p = p[..., :-1]
+    v = torch.where(mask[:, :, None, None], v.flatten(1, 2), 0.0)  # unread slots may hold NaN
+    o = torch.einsum("bhgn,bnhd->bhgd", p.view(B, hkv, hq // hkv, -1), v)
+    return o.reshape(B, hq, d)

@@ -302,6 +302,28 @@ def test_paged_reference_matches_oracle(case):
     torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4)
 
 
+@st.composite
+def decode_batches(draw):
+    """Several decode rows (q_len 1) in one step: the reference's batched path."""
+    case = draw(attention_cases().filter(lambda c: not c["c"].off))
+    c, bs = case["c"], case["c"].block_size
+    dense = c.dense_tokens()
+    n = draw(st.integers(2, 6))
+    case["seqs"] = [(max(1, dense + draw(st.integers(-2 * bs, (c.window_blocks + 3) * bs))), 1) for _ in range(n)]
+    return case
+
+
+@settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(decode_batches())
+def test_batched_decode_matches_oracle(case):
+    c = case["c"]
+    event("mixed regimes" if len({c.is_streaming(L - 1) for L, _ in case["seqs"]}) > 1 else "one regime")
+    pc = build_paged_case(case)
+    got = run_ref(case, pc)
+    assert torch.isfinite(got).all(), "read a stale (NaN) block"
+    torch.testing.assert_close(got.double(), run_oracle(case, pc), rtol=1e-4, atol=1e-4)
+
+
 def test_harness_detects_stale_reads():
     """The NaN blocks do poison a kernel that reads the gap (here: the policy-free
     reference reads every block), so a passing property means the gap is never read."""
