@@ -54,43 +54,31 @@ def paged_attention_ref(
         out = torch.empty_like(q)
     qsl = query_start_loc.tolist()
     lens = seq_lens.tolist()
-    decode = [i for i in range(len(lens)) if qsl[i + 1] - qsl[i] == 1]
-    if policy is not None and len(decode) > 1:  # one batched pass: per-sequence ops cost more than the math
-        rows = torch.tensor([qsl[i] for i in decode], device=q.device)
-        out[rows] = _decode_batch(q[rows], torch.tensor([lens[i] - 1 for i in decode], device=q.device),
-                                  k_cache, v_cache, block_table[decode], scale, policy, rope, sinks,
-                                  sliding_window).to(out.dtype)
-    else:
-        decode = []
+    if policy is not None:
+        return _policy_attention(q, k_cache, v_cache, block_table, qsl, lens, scale, policy, rope, sinks,
+                                 sliding_window, out)
     for i in range(len(lens)):
         q_lo, q_hi = qsl[i], qsl[i + 1]
-        if q_hi == q_lo or i in decode:
+        if q_hi == q_lo:
             continue
         first_t = lens[i] - (q_hi - q_lo)
         t_all = torch.arange(first_t, lens[i], device=q.device)
-        # Queries of one block share their live blocks and rotations.
         for j in range(first_t // bs, (lens[i] - 1) // bs + 1):
             sel = (t_all // bs) == j
             rows = torch.nonzero(sel).flatten() + q_lo
-            out[rows] = _block_group(
-                q[rows], t_all[sel], j, k_cache, v_cache, block_table[i], scale,
-                policy, rope, sinks, sliding_window).to(out.dtype)
+            out[rows] = _block_group(q[rows], t_all[sel], j, k_cache, v_cache, block_table[i], scale,
+                                     sinks, sliding_window).to(out.dtype)
     return out
 
 
-def _block_group(q, t, j, k_cache, v_cache, table, scale, policy, rope, sinks, sliding_window):
-    """Queries ``q`` [Q, Hq, D] at positions ``t``, all in logical block ``j``."""
+def _block_group(q, t, j, k_cache, v_cache, table, scale, sinks, sliding_window):
+    """Plain causal paged attention (no policy) for queries ``q`` [Q, Hq, D] at positions
+    ``t``, all in logical block ``j``: every block ``0..j`` (the layer's own window aside)."""
     bs = k_cache.shape[1]
-    streaming = policy is not None and policy.is_streaming(j)
-    if policy is None:
-        blocks = list(range(j + 1))
-    else:
-        blocks = policy.live_blocks(j)
+    blocks = list(range(j + 1))
     if sliding_window is not None:  # only the blocks the layer's own window reaches
         lo = max(int(t[0]) - sliding_window + 1, 0) // bs
         blocks = [b for b in blocks if b >= lo]
-    if streaming and sliding_window is not None:
-        blocks = [b for b in blocks if b >= policy.sink_blocks]
     blk = torch.tensor(blocks, device=q.device)
     phys = table[blk].long()
     k = k_cache[phys].float()  # [nb, bs, Hkv, D]
@@ -98,27 +86,15 @@ def _block_group(q, t, j, k_cache, v_cache, table, scale, policy, rope, sinks, s
     group = q.shape[1] // k.shape[2]
     k = k.repeat_interleave(group, dim=2)
     v = v.repeat_interleave(group, dim=2)
-
-    if streaming:
-        delta = policy.query_delta(j, blk)
-        delta = torch.where(blk < policy.sink_blocks, torch.zeros_like(delta), delta)
-        qb = rotate(q[None], delta[:, None], rope)  # [nb, Q, Hq, D]
-        s = torch.einsum("bqhd,bkhd->qhbk", qb, k)
-    else:
-        s = torch.einsum("qhd,bkhd->qhbk", q.float(), k)
-    s = s.flatten(2) * scale  # [Q, Hq, nb*bs]
-
+    s = torch.einsum("qhd,bkhd->qhbk", q.float(), k).flatten(2) * scale  # [Q, Hq, nb*bs]
     key = (blk[:, None] * bs + torch.arange(bs, device=q.device)).flatten()  # absolute positions
     tq = t[:, None]
     mask = key[None, :] <= tq
-    if streaming and sliding_window is None:
-        mask &= (key[None, :] < policy.sink_tokens) | (key[None, :] >= policy.window_start(j))
     if sliding_window is not None:
         mask &= (tq - key[None, :]) < sliding_window
     s = s.masked_fill(~mask[:, None, :], float("-inf"))
     if sinks is not None:  # a learned logit per head: one more denominator term, no value
-        sink_col = sinks.float().view(1, -1, 1).expand(s.shape[0], -1, 1)
-        s = torch.cat([s, sink_col], dim=-1)
+        s = torch.cat([s, sinks.float().view(1, -1, 1).expand(s.shape[0], -1, 1)], dim=-1)
     p = torch.softmax(s, dim=-1)
     if sinks is not None:
         p = p[..., :-1]
@@ -128,41 +104,79 @@ def _block_group(q, t, j, k_cache, v_cache, table, scale, policy, rope, sinks, s
     return torch.einsum("qhn,nhd->qhd", p, v)
 
 
-def _decode_batch(q, t, k_cache, v_cache, tables, scale, policy, rope, sinks, sliding_window):
-    """One query per sequence (``q`` [B, Hq, D] at positions ``t`` [B]), batched: the
-    same rules as ``_block_group``, over ``Sb + Wb + 1`` block columns per sequence
-    (a dense sequence's unused columns point at block 0 and are masked)."""
+# Elements of the largest per-pass intermediate (the rotated queries / the scores):
+# many groups per pass when they are small (decode), one at a time when they are big.
+_PASS_ELEMENTS = 1 << 25
+
+
+def _policy_attention(q, k_cache, v_cache, block_table, qsl, lens, scale, policy, rope, sinks,
+                      sliding_window, out):
+    """The contract, batched: queries are grouped by (sequence, logical block) -- a
+    group shares its live blocks and per-block rotations -- and groups go through
+    ``_group_batch`` many at a time."""
+    bs, hq, d = k_cache.shape[1], q.shape[1], q.shape[2]
+    groups = []  # (sequence, block j, first q row, first position, queries)
+    for i in range(len(lens)):
+        q_lo, q_hi = qsl[i], qsl[i + 1]
+        first_t = lens[i] - (q_hi - q_lo)
+        for j in range(first_t // bs, (lens[i] - 1) // bs + 1) if q_hi > q_lo else ():
+            t0, t1 = max(first_t, j * bs), min(lens[i], (j + 1) * bs)
+            groups.append((i, j, q_lo + t0 - first_t, t0, t1 - t0))
+    if not groups:
+        return out
+    qmax = max(g[4] for g in groups)
+    per_group = policy.dense_blocks * qmax * hq * max(d, bs)
+    step = max(1, _PASS_ELEMENTS // per_group)
+    off = torch.arange(qmax, device=q.device)
+    for g0 in range(0, len(groups), step):
+        seq, j, row0, t0, n = (torch.tensor(x, device=q.device) for x in zip(*groups[g0:g0 + step]))
+        valid = off[None, :] < n[:, None]
+        off_g = torch.minimum(off[None, :], n[:, None] - 1)  # padding repeats a group's last query
+        rows = row0[:, None] + off_g
+        o = _group_batch(q[rows], t0[:, None] + off_g, j, k_cache, v_cache, block_table[seq], scale,
+                         policy, rope, sinks, sliding_window)
+        out[rows[valid]] = o[valid].to(out.dtype)
+    return out
+
+
+def _group_batch(q, t, j, k_cache, v_cache, tables, scale, policy, rope, sinks, sliding_window):
+    """Groups of queries, ``q`` [G, Q, Hq, D] at positions ``t`` [G, Q], group ``g`` all in
+    logical block ``j[g]`` of the sequence whose block table is ``tables[g]``. Each group
+    reads ``Sb + Wb + 1`` block columns: its live blocks (a dense group's unused columns
+    point at block 0 and are masked), each seen through the query rotated by its delta."""
     bs, hkv = k_cache.shape[1], k_cache.shape[2]
-    B, hq, d = q.shape
-    j = t // bs
-    streaming = policy.is_streaming(j)  # [B]
+    G, Q, hq, d = q.shape
+    streaming = policy.is_streaming(j)  # [G]
     col = torch.arange(policy.dense_blocks, device=q.device)
     win = j[:, None] - policy.window_blocks + (col[None, :] - policy.sink_blocks)
     blk = torch.where(streaming[:, None] & (col[None, :] >= policy.sink_blocks), win, col[None, :])
-    used = blk <= j[:, None]  # [B, nb]; a layer's own window is a token mask below
+    used = blk <= j[:, None]  # [G, nb]; a layer's own window is a token mask below
     blk = torch.where(used, blk, 0)
+    nb = blk.shape[1]
     phys = torch.gather(tables.long(), 1, blk)
-    k = k_cache[phys].float()  # [B, nb, bs, Hkv, D]
+    k = k_cache[phys].float()  # [G, nb, bs, Hkv, D]
     v = v_cache[phys].float()
 
     delta = torch.where(blk < policy.sink_blocks, 0, policy.query_delta(j[:, None], blk))  # 0 when dense
-    qb = rotate(q[:, None].expand(B, blk.shape[1], hq, d), delta, rope)  # [B, nb, Hq, D]
-    qb = qb.view(B, blk.shape[1], hkv, hq // hkv, d)
-    s = torch.einsum("bnhgd,bnkhd->bhgnk", qb, k).reshape(B, hq, -1) * scale  # [B, Hq, nb*bs]
+    qb = rotate(q[:, None].expand(G, nb, Q, hq, d), delta[:, :, None], rope)  # [G, nb, Q, Hq, D]
+    qb = qb.view(G, nb, Q, hkv, hq // hkv, d)
+    s = torch.einsum("bnqhgd,bnkhd->bqhgnk", qb, k).reshape(G, Q, hq, nb * bs) * scale
 
-    key = (blk[:, :, None] * bs + torch.arange(bs, device=q.device)).flatten(1)  # [B, nb*bs]
-    tq = t[:, None]
-    mask = used.repeat_interleave(bs, dim=1) & (key <= tq)
+    key = (blk[:, :, None] * bs + torch.arange(bs, device=q.device)).flatten(1)[:, None, :]  # [G, 1, nb*bs]
+    tq = t[:, :, None]
+    mask = used.repeat_interleave(bs, dim=1)[:, None, :] & (key <= tq)  # [G, Q, nb*bs]
     if sliding_window is None:
-        mask &= ~streaming[:, None] | (key < policy.sink_tokens) | (key >= policy.window_start(j)[:, None])
+        mask &= ~streaming[:, None, None] | (key < policy.sink_tokens) | (key >= policy.window_start(j)[:, None, None])
     else:
         mask &= (tq - key) < sliding_window
-    s = s.masked_fill(~mask[:, None, :], float("-inf"))
+    s = s.masked_fill(~mask[:, :, None, :], float("-inf"))
     if sinks is not None:  # a learned logit per head: one more denominator term, no value
-        s = torch.cat([s, sinks.float().view(1, -1, 1).expand(B, -1, 1)], dim=-1)
+        s = torch.cat([s, sinks.float().view(1, 1, -1, 1).expand(G, Q, -1, 1)], dim=-1)
     p = torch.softmax(s, dim=-1)
     if sinks is not None:
         p = p[..., :-1]
-    v = torch.where(mask[:, :, None, None], v.flatten(1, 2), 0.0)  # unread slots may hold NaN
-    o = torch.einsum("bhgn,bnhd->bhgd", p.view(B, hkv, hq // hkv, -1), v)
-    return o.reshape(B, hq, d)
+    # Slots no query of the group attends (a block's unwritten tail, a masked column)
+    # may hold anything, NaN included: 0 * NaN would leak into the output.
+    v = torch.where(mask.any(1)[:, :, None, None], v.flatten(1, 2), 0.0)  # [G, nb*bs, Hkv, D]
+    o = torch.einsum("bqhgn,bnhd->bqhgd", p.view(G, Q, hkv, hq // hkv, -1), v)
+    return o.reshape(G, Q, hq, d)

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import math
+from unittest import mock
 
 import pytest
 import torch
@@ -18,6 +19,7 @@ from hypothesis import strategies as st
 
 from oracle import Contract, oracle_attention, rope
 from streaming_sink.policy import PolicyConfigError, SinkPolicy
+from streaming_sink import reference_attention
 from streaming_sink.reference_attention import paged_attention_ref
 from streaming_sink.rope import RotaryParams
 
@@ -300,6 +302,8 @@ def test_paged_reference_matches_oracle(case):
     assert got.dtype == torch.float32 and got.shape == want.shape
     assert torch.isfinite(got).all(), "read a stale (NaN) block"
     torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4)
+    with mock.patch.object(reference_attention, "_PASS_ELEMENTS", 1):  # one query group per pass
+        torch.testing.assert_close(run_ref(case, pc).double(), want, rtol=1e-4, atol=1e-4)
 
 
 @st.composite
