@@ -284,6 +284,7 @@ def _layer_ropes(model, policy: SinkPolicy) -> dict:
     from sglang.srt.layers.radix_attention import RadixAttention
 
     ropes, layers = {}, []
+    by_module: dict[int, object] = {}  # one table read per rotary module (shared by SGLang's get_rope)
     for parent_name, parent in model.named_modules():
         for child_name, child in parent.named_children():
             if not isinstance(child, RadixAttention):
@@ -292,9 +293,11 @@ def _layer_ropes(model, policy: SinkPolicy) -> dict:
             rope = getattr(parent, "rotary_emb", None)
             if rope is None or not all(hasattr(rope, a) for a in ("rotary_dim", "is_neox_style", "cos_sin_cache")):
                 continue
-            table = rope._compute_cos_sin_cache()  # float32, before any dtype cast
-            ropes[child.layer_id] = params_from_cos_sin_table(
-                table, rope.rotary_dim, rope.is_neox_style, policy, f"{parent_name}.{child_name}")
+            if id(rope) not in by_module:
+                table = rope._compute_cos_sin_cache()  # float32, before any dtype cast
+                by_module[id(rope)] = params_from_cos_sin_table(
+                    table, rope.rotary_dim, rope.is_neox_style, policy, f"{parent_name}.{child_name}")
+            ropes[child.layer_id] = by_module[id(rope)]
     if len(ropes) != len(layers):
         raise PolicyConfigError(
             f"--kv-policy streaming-sink needs RoPE attention; {len(layers) - len(ropes)} attention "
@@ -304,11 +307,10 @@ def _layer_ropes(model, policy: SinkPolicy) -> dict:
 
 # ---- 3: positions inside the cache ------------------------------------------
 
-def _remap_positions(result, cls, batch, model_runner=None, *args, **kwargs):
-    model_runner = model_runner if model_runner is not None else kwargs["model_runner"]
-    policy = sink_config.policy_of(model_runner.server_args)
-    if policy is not None and result.positions is not None:
-        result.positions = policy.cache_position(result.positions)
+def _remap_positions(result, cls, batch, *args, **kwargs):
+    # _active: set when this process built its attention backend, before any forward.
+    if _active is not None and result.positions is not None:
+        result.positions = _active.cache_position(result.positions)
     return result
 
 
