@@ -241,6 +241,11 @@ class StepOracle:
         with _one_thread():
             return torch.stack([torch.log_softmax(self.step(i), -1) for i in ids])
 
+    def token_logprobs(self, token_ids) -> torch.Tensor:
+        """``log p(token_ids[i] | token_ids[:i])`` for ``i >= 1``, float64 [T - 1]."""
+        ids = [int(i) for i in token_ids]
+        return self.logprobs(ids)[:-1].gather(1, torch.tensor(ids[1:])[:, None]).squeeze(1)
+
     @torch.no_grad()
     def greedy(self, prompt_ids, n: int) -> list[int]:
         """From a fresh stream: feed ``prompt_ids``, then decode ``n`` tokens greedily

@@ -11,7 +11,7 @@ import torch
 
 from oracle import OracleLlama
 from vllm_helpers import BS, S, W, SamplingParams, free_blocks, live_blocks, make_llm, \
-    oracle_token_logprobs, prompt_logprobs, random_ids
+    prompt_logprobs, random_ids
 
 from streaming_sink.policy import PolicyConfigError, SinkPolicy
 
@@ -47,13 +47,13 @@ def test_teacher_forced_prompt_logprobs_match_oracle(llm, oracle, tiny_llama):
     # and one chunk crosses the dense->streaming switch at token 192.
     ids = random_ids(8 * CONTEXT, seed=1)
     got = prompt_logprobs(llm, ids)
-    want = oracle_token_logprobs(oracle, ids)
+    want = oracle.token_logprobs(ids)
     diff = (got - want).abs()
     assert diff.max().item() < TOL, f"max |engine - oracle| = {diff.max():.3g} at token {diff.argmax() + 1}"
     # The streaming regime really differs from dense attention (not a vacuous match).
     dense = OracleLlama(tiny_llama, sink_tokens=None)
     tail = slice(POLICY.dense_tokens, CONTEXT - 1)
-    assert (oracle_token_logprobs(dense, ids[:CONTEXT])[tail] - want[tail]).abs().max() > 1e-2
+    assert (dense.token_logprobs(ids[:CONTEXT])[tail] - want[tail]).abs().max() > 1e-2
 
 
 def test_batched_greedy_decode_matches_oracle(llm, oracle):
@@ -174,6 +174,6 @@ def test_policy_off_changes_nothing(tiny_llama, llm, stock):
     layer = next(iter(config.compilation_config.static_forward_context.values()))
     assert type(layer.impl).__module__.startswith("vllm.")
     ids = random_ids(CONTEXT - 1, seed=5)  # past the policy's dense region, within the context
-    want = oracle_token_logprobs(OracleLlama(tiny_llama, sink_tokens=None), ids)
+    want = OracleLlama(tiny_llama, sink_tokens=None).token_logprobs(ids)
     assert (prompt_logprobs(stock, ids) - want).abs().max().item() < TOL
     assert (prompt_logprobs(llm, ids) - want)[POLICY.dense_tokens:].abs().max().item() > 1e-2

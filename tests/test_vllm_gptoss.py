@@ -21,7 +21,7 @@ import torch
 
 from oracle_gptoss import OracleGptOss
 from vllm_helpers import BS, S, W, SamplingParams, free_blocks, kv_manager, make_llm, \
-    oracle_token_logprobs, prompt_logprobs, random_ids
+    prompt_logprobs, random_ids
 
 from streaming_sink.policy import PolicyConfigError, SinkPolicy
 
@@ -108,7 +108,7 @@ def test_teacher_forced_prompt_logprobs_match_oracle(llm, oracle, tiny_gptoss):
     # 16x the context in chunks of 200 tokens (one chunk crosses the switch at 192)
     ids = random_ids(16 * CONTEXT, seed=1)
     got = prompt_logprobs(llm, ids)
-    want = oracle_token_logprobs(oracle, ids)
+    want = oracle.token_logprobs(ids)
     diff = (got - want).abs()
     print(f"\nteacher-forced {len(ids)} tokens: max |engine - oracle| = {diff.max():.3g} "
           f"(dense part {diff[:POLICY.dense_tokens - 1].max():.3g})")
@@ -116,7 +116,7 @@ def test_teacher_forced_prompt_logprobs_match_oracle(llm, oracle, tiny_gptoss):
     # The streaming regime really differs from the dense model (not a vacuous match).
     dense = OracleGptOss(tiny_gptoss)
     tail = slice(POLICY.dense_tokens, CONTEXT - 1)
-    assert (oracle_token_logprobs(dense, ids[:CONTEXT])[tail] - want[tail]).abs().max() > 1e-2
+    assert (dense.token_logprobs(ids[:CONTEXT])[tail] - want[tail]).abs().max() > 1e-2
 
 
 def _run_stepwise(llm, requests, abort_at=None, logprobs=False):
@@ -198,7 +198,7 @@ def test_policy_off_is_stock_vllm(tiny_gptoss, llm, stock):
     assert [type(m).__name__ for m in kv_manager(stock).coordinator.single_type_managers].count(
         "StreamingSinkManager") == 0
     ids = random_ids(CONTEXT - 1, seed=5)
-    want = oracle_token_logprobs(OracleGptOss(tiny_gptoss), ids)
+    want = OracleGptOss(tiny_gptoss).token_logprobs(ids)
     diff = (prompt_logprobs(stock, ids) - want).abs().max().item()
     print(f"\nstock vLLM vs dense oracle, {len(ids)} tokens: max diff {diff:.3g}")
     assert diff < TOL

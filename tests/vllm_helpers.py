@@ -41,12 +41,6 @@ def prompt_logprobs(llm: LLM, ids: list[int]) -> torch.Tensor:
     return torch.tensor([plp[i][ids[i]].logprob for i in range(1, len(ids))], dtype=torch.float64)
 
 
-def oracle_token_logprobs(oracle, ids: list[int]) -> torch.Tensor:
-    """The oracle's log p(ids[i] | ids[:i]) for i >= 1."""
-    lp = oracle.logprobs(ids)
-    return lp[:-1].gather(1, torch.tensor(ids[1:])[:, None]).squeeze(1).to(torch.float64)
-
-
 # ---- the engine's own KV bookkeeping --------------------------------------
 
 def engine_core(llm: LLM):

@@ -54,11 +54,6 @@ def greedy(engine, prompts: list[list[int]], n: int) -> list[tuple[list[int], to
     return res
 
 
-def oracle_token_logprobs(oracle, ids: list[int]) -> torch.Tensor:
-    lp = oracle.logprobs(ids)
-    return lp[:-1].gather(1, torch.tensor(ids[1:])[:, None]).squeeze(1).to(torch.float64)
-
-
 class Trace:
     """The plugin's per-step records, from a fresh file."""
 

@@ -13,7 +13,7 @@ import torch
 
 from conftest import CONTEXT
 from oracle import OracleLlama
-from sglang_helpers import CHUNK, TOL, S, Trace, W, engine_args, greedy, oracle_token_logprobs, \
+from sglang_helpers import CHUNK, TOL, S, Trace, W, engine_args, greedy, \
     prompt_logprobs, random_ids, trace_path
 
 from streaming_sink.policy import SinkPolicy
@@ -48,14 +48,14 @@ def test_teacher_forced_prompt_logprobs_match_oracle(engine, oracle, tiny_llama_
     # dense->streaming switch at token 69, later chunk edges fall anywhere.
     ids = random_ids(8 * CONTEXT, seed=1)
     got = prompt_logprobs(engine, ids)
-    want = oracle_token_logprobs(oracle, ids)
+    want = oracle.token_logprobs(ids)
     diff = (got - want).abs()
     print(f"prompt logprobs, {len(ids)} tokens: max |engine - oracle| = {diff.max():.3g}")
     assert diff.max().item() < TOL, f"max diff {diff.max():.3g} at token {diff.argmax() + 1}"
     # Not a vacuous match: past the window, dense attention gives other numbers.
     dense = OracleLlama(tiny_llama_128, sink_tokens=None)
     tail = slice(POLICY.dense_tokens, CONTEXT - 1)
-    assert (oracle_token_logprobs(dense, ids[:CONTEXT])[tail] - want[tail]).abs().max() > 1e-2
+    assert (dense.token_logprobs(ids[:CONTEXT])[tail] - want[tail]).abs().max() > 1e-2
 
 
 def test_concurrent_greedy_decode_matches_oracle(engine, oracle):
@@ -104,5 +104,5 @@ def test_kv_slots_bounded_and_all_returned(engine, trace):
 def test_below_the_window_is_dense_attention(engine, tiny_llama_128):
     """Queries before token S + W + 1 compute plain causal attention."""
     ids = random_ids(POLICY.dense_tokens, seed=5)
-    want = oracle_token_logprobs(OracleLlama(tiny_llama_128, sink_tokens=None), ids)
+    want = OracleLlama(tiny_llama_128, sink_tokens=None).token_logprobs(ids)
     assert (prompt_logprobs(engine, ids) - want).abs().max().item() < TOL

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from oracle_gptoss import OracleGptOss
-from sglang_helpers import TOL, S, W, engine_args, greedy, oracle_token_logprobs, prompt_logprobs, random_ids
+from sglang_helpers import TOL, S, W, engine_args, greedy, prompt_logprobs, random_ids
 
 CONTEXT = 128  # YaRN factor 4 over 32 original positions
 
@@ -58,7 +58,7 @@ def oracle(tiny_gptoss):
 def test_gptoss_prompt_logprobs_match_oracle(engine, oracle, tiny_gptoss):
     ids = random_ids(8 * CONTEXT, seed=3)
     got = prompt_logprobs(engine, ids)
-    want = oracle_token_logprobs(oracle, ids)
+    want = oracle.token_logprobs(ids)
     diff = (got - want).abs()
     print(f"GPT-OSS prompt logprobs, {len(ids)} tokens: max |engine - oracle| = {diff.max():.3g}")
     assert diff.max().item() < TOL, f"max diff {diff.max():.3g} at token {diff.argmax() + 1}"
@@ -66,7 +66,7 @@ def test_gptoss_prompt_logprobs_match_oracle(engine, oracle, tiny_gptoss):
     no_sinks = OracleGptOss(tiny_gptoss, sink_tokens=S, window_tokens=W, block_size=1)
     for layer in no_sinks.layers:
         layer["sinks"] = torch.full_like(layer["sinks"], -1e9)
-    assert (oracle_token_logprobs(no_sinks, ids[:300]) - want[:299]).abs().max() > 1e-2
+    assert (no_sinks.token_logprobs(ids[:300]) - want[:299]).abs().max() > 1e-2
 
 
 def test_gptoss_concurrent_greedy_decode_matches_oracle(engine, oracle):

@@ -15,7 +15,7 @@ import requests
 from conftest import CONTEXT
 from oracle import OracleLlama
 from server_process import free_port, running_server
-from sglang_helpers import CHUNK, TOL, S, Trace, W, oracle_token_logprobs, random_ids, trace_path
+from sglang_helpers import CHUNK, TOL, S, Trace, W, random_ids, trace_path
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +77,7 @@ def test_prompt_logprobs_match_oracle(server, tiny_llama_128):
     import torch
 
     got = torch.tensor([x for x, _, _ in lp[1:]], dtype=torch.float64)
-    want = oracle_token_logprobs(OracleLlama(tiny_llama_128, sink_tokens=S, window_tokens=W, block_size=1), ids)
+    want = OracleLlama(tiny_llama_128, sink_tokens=S, window_tokens=W, block_size=1).token_logprobs(ids)
     diff = (got - want).abs().max().item()
     print(f"server prompt logprobs, {len(ids)} tokens: max |engine - oracle| = {diff:.3g}")
     assert diff < TOL
