@@ -1,0 +1,118 @@
+"""The contract on CPU as a compiled kernel: ``csrc/sink_attention_cpu.cpp``.
+
+Same arguments and results as :func:`streaming_sink.reference_attention.paged_attention_ref`
+(the readable ground truth it is tested against), plus ``seq_ids``: compute only
+those sequences' rows and leave the others' rows of ``out`` as they are (an
+engine adapter runs its own kernel on them). Built on first use with
+``torch.utils.cpp_extension`` (g++, ~1 minute once; cached per torch version in
+``$TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``).
+
+``STREAMING_SINK_CPU_KERNEL=reference`` runs the torch reference instead (for
+comparisons; it is several times slower).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+from .policy import SinkPolicy
+from .rope import RotaryParams
+
+KERNEL_ENV = "STREAMING_SINK_CPU_KERNEL"
+logger = logging.getLogger("streaming_sink")
+
+
+def use_reference() -> bool:
+    choice = os.environ.get(KERNEL_ENV, "compiled")
+    if choice not in ("compiled", "reference"):
+        raise ValueError(f"{KERNEL_ENV} must be 'compiled' or 'reference', got {choice!r}")
+    return choice == "reference"
+
+
+@functools.lru_cache(maxsize=None)
+def load() -> None:
+    """Builds (once per machine and torch version) and loads the kernel."""
+    from torch.utils.cpp_extension import load as build
+
+    src = Path(__file__).with_name("csrc") / "sink_attention_cpu.cpp"
+    tag = torch.__version__.replace("+", "_").replace(".", "_")
+    logger.info("streaming-sink: loading the CPU attention kernel (the first build takes ~1 min)")
+    build(name=f"streaming_sink_cpu_{tag}", sources=[str(src)], is_python_module=False,
+          extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"])
+
+
+_tables: dict[tuple, tuple[RotaryParams, torch.Tensor]] = {}
+
+
+def rotation_table(policy: SinkPolicy, rope: RotaryParams) -> torch.Tensor:
+    """cos/sin of ``delta = m * block_size`` for ``m = 0 .. Wb``: ``[Wb + 1, rotary_dim/2, 2]``.
+
+    Every streaming query's window blocks are rotated by one of these (the blocks
+    written in the dense regime by one more delta, computed in the kernel). Angles in
+    float64 like :func:`streaming_sink.rope.rotate`. One table per layer rotary and policy.
+    """
+    key = (id(rope), policy)
+    hit = _tables.get(key)
+    if hit is None or hit[0] is not rope:
+        delta = torch.arange(policy.window_blocks + 1, dtype=torch.float64) * policy.block_size
+        ang = delta[:, None] * rope.inv_freq.to(torch.float64)[None, :]
+        table = torch.stack([ang.cos(), ang.sin()], dim=-1).float().contiguous()
+        hit = _tables[key] = (rope, table)
+    return hit[1]
+
+
+def paged_attention_cpu(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    policy: SinkPolicy | None = None,
+    rope: RotaryParams | None = None,
+    sinks: torch.Tensor | None = None,
+    sliding_window: int | None = None,
+    out: torch.Tensor | None = None,
+    seq_ids: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The contract for every query row of ``q`` (of ``seq_ids``' rows only, if given)."""
+    if policy is not None and rope is None:
+        raise ValueError("the streaming policy needs the layer's RotaryParams")
+    bs = k_cache.shape[1]
+    if policy is not None and policy.block_size != bs:
+        raise ValueError(f"policy block size {policy.block_size} != cache block size {bs}")
+    if out is None:
+        out = torch.empty_like(q)
+    if use_reference():
+        from .reference_attention import paged_attention_ref
+
+        if seq_ids is not None:
+            raise ValueError(f"{KERNEL_ENV}=reference computes whole batches only")
+        return paged_attention_ref(q, k_cache, v_cache, block_table, query_start_loc, seq_lens, scale,
+                                   policy, rope, sinks, sliding_window, out)
+    load()
+    # The kernel reads q/out in the cache's dtype or float32; anything else goes via float32.
+    direct = q.dtype in (torch.float32, k_cache.dtype) and out.dtype == q.dtype and out.is_contiguous()
+    qk = q.contiguous() if direct else q.float().contiguous()
+    ok = out if direct else torch.empty_like(qk)
+    if not direct and seq_ids is not None:
+        ok.copy_(out)
+    table = inv = None
+    if policy is not None:
+        table = rotation_table(policy, rope)
+        inv = rope.inv_freq.float().contiguous()
+    torch.ops.streaming_sink.paged_attention(
+        ok, qk, k_cache, v_cache, block_table.long().contiguous(), query_start_loc.long(), seq_lens.long(),
+        float(scale), policy.sink_tokens if policy else 0, policy.window_blocks if policy else -1,
+        table, inv, rope.rotary_dim if policy else 0, bool(rope.is_neox_style) if policy else True,
+        None if sinks is None else sinks.float().contiguous(), int(sliding_window or 0),
+        None if seq_ids is None else seq_ids.long())
+    if not direct:
+        out.copy_(ok)
+    return out

@@ -1,0 +1,308 @@
+// The streaming-sink attention contract over a paged KV cache, on CPU.
+//
+// Same contract and arguments as streaming_sink/reference_attention.py (read that
+// first; it is the ground truth this kernel is tested against). What makes it fast:
+//   * one work item = (sequence, query block j, kv head): the item's queries share
+//     their live blocks and per-block query rotations, and every K/V row loaded
+//     serves all of them (GQA without repeat, prefill rows of a block together);
+//   * only live blocks are read (sinks + the window blocks that exist), straight
+//     from the cache in its own dtype (no float copy of the cache);
+//   * online softmax, one pass over the live blocks; learned sink logits seed it;
+//   * the rotation R(delta) of the query is applied once per (item, block), with
+//     cos/sin from a table precomputed per layer (delta = m * block_size);
+//   * all items of a step in one parallel_for.
+// Cache views are [blocks, block_size, kv_heads, D] with any strides: vLLM's CPU
+// layout (keys transposed per block: offset stride 1) and SGLang's token pool
+// (block_size 1, d stride 1) both take a vectorised path.
+
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+namespace {
+
+struct Policy {
+  bool on;         // false: plain causal attention (no sink/window rules)
+  int64_t S, Sb, Wb, bs;
+  bool streaming(int64_t j) const { return on && j > Sb + Wb; }
+  int64_t ws(int64_t j) const { return streaming(j) ? (j - Wb) * bs : S; }  // window start
+};
+
+struct Item {  // the queries of one sequence that sit in one logical block j
+  int64_t seq, j, row0, t0, n;
+};
+
+struct Rope {
+  const float* table;    // [(Wb + 1), half, 2]: cos, sin of delta = m * bs
+  const float* inv_freq; // [half], for deltas outside the table
+  int64_t table_rows, half;
+  bool neox;
+};
+
+// cos/sin of `delta` positions, as the torch reference computes them (angle in double).
+inline void rotation(const Rope& r, int64_t delta, int64_t bs, float* cs) {
+  if (delta % bs == 0 && delta / bs < r.table_rows) {
+    std::copy_n(r.table + (delta / bs) * r.half * 2, r.half * 2, cs);
+    return;
+  }
+  for (int64_t i = 0; i < r.half; ++i) {
+    double ang = static_cast<double>(delta) * static_cast<double>(r.inv_freq[i]);
+    cs[2 * i] = static_cast<float>(std::cos(ang));
+    cs[2 * i + 1] = static_cast<float>(std::sin(ang));
+  }
+}
+
+inline void rotate_row(const float* x, float* y, const float* cs, int64_t half, int64_t D, bool neox) {
+  if (neox) {
+    for (int64_t i = 0; i < half; ++i) {
+      float c = cs[2 * i], s = cs[2 * i + 1], x1 = x[i], x2 = x[i + half];
+      y[i] = x1 * c - x2 * s;
+      y[i + half] = x2 * c + x1 * s;
+    }
+  } else {
+    for (int64_t i = 0; i < half; ++i) {
+      float c = cs[2 * i], s = cs[2 * i + 1], x1 = x[2 * i], x2 = x[2 * i + 1];
+      y[2 * i] = x1 * c - x2 * s;
+      y[2 * i + 1] = x2 * c + x1 * s;
+    }
+  }
+  std::copy(x + 2 * half, x + D, y + 2 * half);
+}
+
+template <typename KT>
+struct Cache {
+  const KT* k;
+  const KT* v;
+  int64_t kb, ko, kh, kd;  // key strides: block, offset, head, dim
+  int64_t vb, vo, vh, vd;
+};
+
+template <typename KT, typename QT>
+void run_item(const Item& it, int64_t h, const Policy& P, const Rope* rope, const Cache<KT>& C,
+              const QT* q, QT* out, int64_t q_row_stride, int64_t Hq, int64_t Hkv, int64_t D,
+              const int64_t* table, int64_t table_stride, const float* sinks, int64_t sw, float scale,
+              std::vector<float>& buf) {
+  const int64_t G = Hq / Hkv, nq = it.n * G, bs = P.bs, j = it.j;
+  const bool streaming = P.streaming(j);
+  const int64_t half = rope ? rope->half : 0;
+  buf.resize(nq * D * 3 + nq * bs + nq * 2 + 2 * std::max<int64_t>(half, 1));
+  float* qf = buf.data();        // [nq, D] the item's queries (a = qi * G + g)
+  float* qr = qf + nq * D;       // [nq, D] rotated by the current block's delta
+  float* acc = qr + nq * D;      // [nq, D]
+  float* s = acc + nq * D;       // [nq, bs] scores of the current block
+  float* m = s + nq * bs;        // [nq] running max
+  float* l = m + nq;             // [nq] running denominator
+  float* cs = l + nq;            // [half, 2]
+  for (int64_t qi = 0; qi < it.n; ++qi)
+    for (int64_t g = 0; g < G; ++g) {
+      const int64_t a = qi * G + g, head = h * G + g;
+      const QT* qrow = q + (it.row0 + qi) * q_row_stride + head * D;
+      for (int64_t d = 0; d < D; ++d) qf[a * D + d] = static_cast<float>(qrow[d]);
+      m[a] = sinks ? sinks[head] : -std::numeric_limits<float>::infinity();
+      l[a] = sinks ? 1.f : 0.f;  // exp(sink - m) = 1: the sink's share of the denominator
+    }
+  std::fill_n(acc, nq * D, 0.f);
+
+  // Live blocks (docs/architecture.md): sinks + window when streaming, else 0..j.
+  std::vector<int64_t> blocks;
+  if (streaming) {
+    for (int64_t b = 0; b < P.Sb; ++b) blocks.push_back(b);
+    for (int64_t b = j - P.Wb; b <= j; ++b) blocks.push_back(b);
+  } else {
+    int64_t lo = sw > 0 ? std::max<int64_t>(it.t0 - sw + 1, 0) / bs : 0;
+    for (int64_t b = lo; b <= j; ++b) blocks.push_back(b);
+  }
+
+  const int64_t* trow = table + it.seq * table_stride;
+  for (int64_t b : blocks) {
+    // Per query row: the attended key offsets [lo, hi) of this block.
+    auto range = [&](int64_t qi, int64_t& lo, int64_t& hi) {
+      const int64_t t = it.t0 + qi, base = b * bs;
+      lo = 0;
+      hi = std::min(bs, t - base + 1);
+      if (sw > 0) lo = std::max(lo, t - sw + 1 - base);
+      else if (streaming && b < P.Sb) hi = std::min(hi, P.S - base);  // sink tokens only
+    };
+    int64_t blo = bs, bhi = 0;
+    for (int64_t qi = 0; qi < it.n; ++qi) {
+      int64_t lo, hi;
+      range(qi, lo, hi);
+      if (lo < hi) blo = std::min(blo, lo), bhi = std::max(bhi, hi);
+    }
+    if (blo >= bhi) continue;
+    const int64_t phys = trow[b];
+    const KT* kblk = C.k + phys * C.kb + h * C.kh;
+    const KT* vblk = C.v + phys * C.vb + h * C.vh;
+
+    const int64_t delta = (!P.on || b < P.Sb) ? 0 : P.ws(j) - P.ws(b);
+    const float* qb = qf;
+    if (delta != 0) {
+      rotation(*rope, delta, bs, cs);
+      for (int64_t a = 0; a < nq; ++a) rotate_row(qf + a * D, qr + a * D, cs, half, D, rope->neox);
+      qb = qr;
+    }
+    // Scores over the block's union range [blo, bhi); rows mask their own below.
+    for (int64_t a = 0; a < nq; ++a) {
+      float* sa = s + a * bs;
+      const float* qa = qb + a * D;
+      if (C.kd == 1) {  // token-major keys (SGLang's pool)
+        for (int64_t o = blo; o < bhi; ++o) {
+          const KT* kr = kblk + o * C.ko;
+          float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
+          for (int64_t d = 0; d < D; ++d) dot += qa[d] * static_cast<float>(kr[d]);
+          sa[o] = dot * scale;
+        }
+      } else {  // dim-major keys (vLLM's CPU layout: offset stride 1)
+        std::fill(sa + blo, sa + bhi, 0.f);
+        for (int64_t d = 0; d < D; ++d) {
+          const KT* kr = kblk + d * C.kd;
+          const float qd = qa[d];
+          if (C.ko == 1) {
+#pragma omp simd
+            for (int64_t o = blo; o < bhi; ++o) sa[o] += qd * static_cast<float>(kr[o]);
+          } else {
+            for (int64_t o = blo; o < bhi; ++o) sa[o] += qd * static_cast<float>(kr[o * C.ko]);
+          }
+        }
+        for (int64_t o = blo; o < bhi; ++o) sa[o] *= scale;
+      }
+    }
+    // Online softmax update and P.V, row by row over the row's own range (slots a
+    // row does not attend are never touched: they may hold anything, NaN included).
+    for (int64_t qi = 0; qi < it.n; ++qi) {
+      int64_t lo, hi;
+      range(qi, lo, hi);
+      if (lo >= hi) continue;
+      for (int64_t g = 0; g < G; ++g) {
+        const int64_t a = qi * G + g;
+        float* sa = s + a * bs;
+        float mb = m[a];
+        for (int64_t o = lo; o < hi; ++o) mb = std::max(mb, sa[o]);
+        const float corr = std::exp(m[a] - mb);
+        float* acca = acc + a * D;
+        if (corr != 1.f) {
+          l[a] *= corr;
+          for (int64_t d = 0; d < D; ++d) acca[d] *= corr;
+        }
+        m[a] = mb;
+        float sum = 0.f;
+        for (int64_t o = lo; o < hi; ++o) {
+          const float p = std::exp(sa[o] - mb);
+          sum += p;
+          const KT* vr = vblk + o * C.vo;
+          if (C.vd == 1) {
+#pragma omp simd
+            for (int64_t d = 0; d < D; ++d) acca[d] += p * static_cast<float>(vr[d]);
+          } else {
+            for (int64_t d = 0; d < D; ++d) acca[d] += p * static_cast<float>(vr[d * C.vd]);
+          }
+        }
+        l[a] += sum;
+      }
+    }
+  }
+  for (int64_t qi = 0; qi < it.n; ++qi)
+    for (int64_t g = 0; g < G; ++g) {
+      const int64_t a = qi * G + g;
+      QT* o = out + (it.row0 + qi) * q_row_stride + (h * G + g) * D;
+      const float inv = 1.f / l[a];
+      for (int64_t d = 0; d < D; ++d) o[d] = static_cast<QT>(acc[a * D + d] * inv);
+    }
+}
+
+// out, q: [tokens, Hq, D] contiguous, float32 or the cache's dtype. k_cache/v_cache: [blocks, bs, Hkv, D].
+// block_table [seqs, max_blocks] int64; query_start_loc [seqs + 1]; seq_lens [seqs] int64.
+// window_blocks < 0: no policy. rope_table [(Wb + 1), half, 2] + inv_freq [half] float32.
+// seq_ids: only these sequences' rows are computed (the others' rows are left untouched).
+void paged_attention(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cache,
+                     const at::Tensor& v_cache, const at::Tensor& block_table,
+                     const at::Tensor& query_start_loc, const at::Tensor& seq_lens, double scale,
+                     int64_t sink_tokens, int64_t window_blocks,
+                     const c10::optional<at::Tensor>& rope_table, const c10::optional<at::Tensor>& inv_freq,
+                     int64_t rotary_dim, bool neox, const c10::optional<at::Tensor>& sinks,
+                     int64_t sliding_window, const c10::optional<at::Tensor>& seq_ids) {
+  TORCH_CHECK(q.scalar_type() == out.scalar_type() &&
+              (q.scalar_type() == at::kFloat || q.scalar_type() == k_cache.scalar_type()),
+              "q/out: float32 or the cache's dtype");
+  TORCH_CHECK(q.is_contiguous() && out.is_contiguous() && q.sizes() == out.sizes(), "q/out: same shape, contiguous");
+  TORCH_CHECK(k_cache.dim() == 4 && v_cache.dim() == 4, "caches are [blocks, block_size, kv_heads, D]");
+  TORCH_CHECK(block_table.scalar_type() == at::kLong && query_start_loc.scalar_type() == at::kLong &&
+              seq_lens.scalar_type() == at::kLong, "block_table/query_start_loc/seq_lens must be int64");
+  TORCH_CHECK(block_table.stride(1) == 1, "block_table rows must be contiguous");
+  const int64_t Hq = q.size(1), D = q.size(2), bs = k_cache.size(1), Hkv = k_cache.size(2);
+  TORCH_CHECK(Hq % Hkv == 0 && k_cache.size(3) == D, "head shapes do not match");
+  Policy P{window_blocks >= 0, sink_tokens, (sink_tokens + bs - 1) / bs, window_blocks, bs};
+  Rope rope{};
+  if (P.on) {
+    TORCH_CHECK(rope_table.has_value() && inv_freq.has_value(), "the policy needs the rotary table");
+    TORCH_CHECK(rope_table->is_contiguous() && rope_table->scalar_type() == at::kFloat, "rope_table: float32");
+    rope = Rope{rope_table->data_ptr<float>(), inv_freq->data_ptr<float>(), rope_table->size(0),
+                rotary_dim / 2, neox};
+    TORCH_CHECK(rope_table->size(1) == rotary_dim / 2 && inv_freq->numel() == rotary_dim / 2, "rotary dims");
+  }
+  const float* sink_ptr = nullptr;
+  if (sinks.has_value()) {
+    TORCH_CHECK(sinks->scalar_type() == at::kFloat && sinks->is_contiguous() && sinks->numel() == Hq,
+                "sinks: float32 [Hq]");
+    sink_ptr = sinks->data_ptr<float>();
+  }
+  const int64_t* qsl = query_start_loc.data_ptr<int64_t>();
+  const int64_t* lens = seq_lens.data_ptr<int64_t>();
+  std::vector<int64_t> seqs;
+  if (seq_ids.has_value()) {
+    const int64_t* ids = seq_ids->data_ptr<int64_t>();
+    seqs.assign(ids, ids + seq_ids->numel());
+  } else {
+    for (int64_t i = 0; i < seq_lens.numel(); ++i) seqs.push_back(i);
+  }
+  std::vector<Item> items;
+  for (int64_t i : seqs) {
+    const int64_t q_lo = qsl[i], q_hi = qsl[i + 1], len = lens[i];
+    if (q_hi <= q_lo) continue;
+    const int64_t first_t = len - (q_hi - q_lo);
+    for (int64_t j = first_t / bs; j <= (len - 1) / bs; ++j) {
+      const int64_t t0 = std::max(first_t, j * bs), t1 = std::min(len, (j + 1) * bs);
+      items.push_back(Item{i, j, q_lo + t0 - first_t, t0, t1 - t0});
+    }
+  }
+  const int64_t n_work = static_cast<int64_t>(items.size()) * Hkv;
+  if (n_work == 0) return;
+  const int64_t* tp = block_table.data_ptr<int64_t>();
+  const int64_t tstride = block_table.stride(0);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, k_cache.scalar_type(), "sink_attention_cpu", [&] {
+    TORCH_CHECK(v_cache.scalar_type() == k_cache.scalar_type(), "k/v cache dtypes differ");
+    Cache<scalar_t> C{k_cache.data_ptr<scalar_t>(), v_cache.data_ptr<scalar_t>(),
+                      k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), k_cache.stride(3),
+                      v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), v_cache.stride(3)};
+    auto run = [&](auto* qp, auto* op) {
+      at::parallel_for(0, n_work, 1, [&](int64_t begin, int64_t end) {
+        std::vector<float> buf;
+        for (int64_t w = begin; w < end; ++w)
+          run_item(items[w / Hkv], w % Hkv, P, P.on ? &rope : nullptr, C, qp, op, Hq * D, Hq, Hkv, D,
+                   tp, tstride, sink_ptr, sliding_window, static_cast<float>(scale), buf);
+      });
+    };
+    if (q.scalar_type() == at::kFloat) run(q.data_ptr<float>(), out.data_ptr<float>());
+    else run(q.data_ptr<scalar_t>(), out.data_ptr<scalar_t>());
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY(streaming_sink, m) {
+  m.def("paged_attention(Tensor(a!) out, Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_table, "
+        "Tensor query_start_loc, Tensor seq_lens, float scale, int sink_tokens, int window_blocks, "
+        "Tensor? rope_table, Tensor? inv_freq, int rotary_dim, bool neox, Tensor? sinks, "
+        "int sliding_window, Tensor? seq_ids) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(streaming_sink, CPU, m) { m.impl("paged_attention", &paged_attention); }
