@@ -244,14 +244,40 @@ def _backend_class():
     from .attention import token_pool_attention
 
     class StreamingSinkAttnBackend(TorchNativeAttnBackend):
-        """torch_native's KV writes; the contract's attention from the core."""
+        """torch_native's KV writes; per step, requests whose every query is below the
+        window (dense: keys at their natural positions) run torch_native's own SDPA
+        loop, the others the core's streaming kernel. Learned sinks (GPT-OSS), which
+        torch_native cannot compute, always take the core."""
 
         def __init__(self, model_runner, policy: SinkPolicy):
             super().__init__(model_runner)
             self.policy = policy
             self.ropes = _layer_ropes(model_runner.model, policy)
+            self.split = None
+            if model_runner.device == "cpu":
+                from streaming_sink.cpu_attention import load
 
-        def _run(self, q, k, v, layer, fb, save_kv_cache, q_lens, sinks=None, **_):
+                load()  # built once per machine, at startup rather than on the first request
+
+        def init_forward_metadata(self, forward_batch):
+            """Once per step: which requests are dense, and their query rows."""
+            super().init_forward_metadata(forward_batch)
+            fb = forward_batch
+            self.split = None  # (dense mask or None = all, their rows, streaming ids); None: no dense
+            if fb.seq_lens is None or fb.seq_lens.is_cuda or fb.forward_mode.is_idle():
+                return
+            dense = fb.seq_lens <= self.policy.dense_tokens
+            if not bool(dense.any()):
+                return
+            if bool(dense.all()):
+                self.split = (None, None, None)
+                return
+            q_lens = fb.extend_seq_lens if fb.forward_mode.is_extend() else torch.ones_like(fb.seq_lens)
+            ends = torch.cumsum(q_lens.long(), 0)
+            rows = torch.cat([torch.arange(int(e - n), int(e)) for e, n in zip(ends[dense], q_lens[dense])])
+            self.split = (dense, rows, torch.nonzero(~dense).flatten())
+
+        def _run(self, q, k, v, layer, fb, save_kv_cache, extend, sinks=None, **_):
             if layer.qk_head_dim != layer.v_head_dim or layer.is_cross_attention:
                 raise PolicyConfigError("--kv-policy streaming-sink supports decoder self-attention "
                                         "with equal q/k/v head sizes only")
@@ -260,21 +286,48 @@ def _backend_class():
             n = q.shape[0] if q.dim() == 3 else q.numel() // (layer.tp_q_head_num * layer.qk_head_dim)
             q_ = q.reshape(n, layer.tp_q_head_num, layer.qk_head_dim)
             o = torch.empty_like(q_)
-            rows = self.req_to_token_pool.req_to_token[fb.req_pool_indices.long()]
             sw = layer.sliding_window_size  # SGLang's window counts back from the query: sw + 1 keys
+            sw = sw if sw is not None and sw > -1 else None
+            streaming = None
+            if sinks is None and self.split is not None:  # torch_native has no learned sinks
+                dense, rows, streaming = self.split
+                self._stock_rows(q_, o, layer, fb, extend, sw, dense, rows)
+                if streaming is None:
+                    return o.view(n, -1)
+            q_lens = fb.extend_seq_lens if extend else fb.seq_lens.new_ones(fb.seq_lens.shape)
             token_pool_attention(
                 q_, self.token_to_kv_pool.get_key_buffer(layer.layer_id),
-                self.token_to_kv_pool.get_value_buffer(layer.layer_id), rows, fb.seq_lens, q_lens,
-                layer.scaling, self.policy, self.ropes[layer.layer_id], o, sinks=sinks,
-                sliding_window=sw + 1 if sw is not None and sw > -1 else None)
+                self.token_to_kv_pool.get_value_buffer(layer.layer_id), self.req_to_token_pool.req_to_token,
+                fb.req_pool_indices, fb.seq_lens, q_lens, layer.scaling, self.policy,
+                self.ropes[layer.layer_id], o, sinks=sinks,
+                sliding_window=sw + 1 if sw is not None else None, seq_ids=streaming)
             return o.view(n, -1)
 
+        def _stock_rows(self, q_, o, layer, fb, extend, sw, dense, rows):
+            """torch_native's own per-request SDPA loop for the dense requests (mask
+            ``dense``, query ``rows``; None: every request), called as stock SGLang calls it."""
+            reqs = dict(req_pool_indices=fb.req_pool_indices, seq_lens=fb.seq_lens)
+            if extend:
+                reqs.update(extend_prefix_lens=fb.extend_prefix_lens, extend_seq_lens=fb.extend_seq_lens)
+            q_sub, o_sub = q_, o
+            if dense is not None:
+                reqs = {key: val[dense] for key, val in reqs.items()}
+                q_sub = q_[rows]
+                o_sub = torch.empty_like(q_sub)
+            run = self._run_sdpa_forward_extend if extend else self._run_sdpa_forward_decode
+            run(q_sub, o_sub, self.token_to_kv_pool.get_key_buffer(layer.layer_id),
+                self.token_to_kv_pool.get_value_buffer(layer.layer_id), self.req_to_token_pool.req_to_token,
+                **reqs, encoder_lens=None, scaling=layer.scaling,
+                enable_gqa=layer.tp_q_head_num != layer.tp_k_head_num, causal=extend,
+                is_cross_attn=False, sliding_window_size=sw)
+            if dense is not None:
+                o[rows] = o_sub
+
         def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kw):
-            return self._run(q, k, v, layer, forward_batch, save_kv_cache, forward_batch.extend_seq_lens, **kw)
+            return self._run(q, k, v, layer, forward_batch, save_kv_cache, True, **kw)
 
         def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kw):
-            ones = forward_batch.seq_lens.new_ones(forward_batch.seq_lens.shape)
-            return self._run(q, k, v, layer, forward_batch, save_kv_cache, ones, **kw)
+            return self._run(q, k, v, layer, forward_batch, save_kv_cache, False, **kw)
 
     return StreamingSinkAttnBackend
 

@@ -1,9 +1,11 @@
 """The contract on CPU as a compiled kernel: ``csrc/sink_attention_cpu.cpp``.
 
 Same arguments and results as :func:`streaming_sink.reference_attention.paged_attention_ref`
-(the readable ground truth it is tested against), plus ``seq_ids``: compute only
-those sequences' rows and leave the others' rows of ``out`` as they are (an
-engine adapter runs its own kernel on them). Built on first use with
+(the readable ground truth it is tested against), plus two engine conveniences:
+``seq_ids`` computes only those sequences' rows and leaves the others' rows of
+``out`` as they are (an adapter runs its engine's own kernel on them), and
+``table_rows`` names the row of ``block_table`` each sequence reads (SGLang's
+``req_to_token`` pool, int32, used in place). Tables may be int32 or int64. Built on first use with
 ``torch.utils.cpp_extension`` (g++, ~1 minute once; cached per torch version in
 ``$TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``).
 
@@ -80,6 +82,7 @@ def paged_attention_cpu(
     sliding_window: int | None = None,
     out: torch.Tensor | None = None,
     seq_ids: torch.Tensor | None = None,
+    table_rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The contract for every query row of ``q`` (of ``seq_ids``' rows only, if given)."""
     if policy is not None and rope is None:
@@ -94,6 +97,8 @@ def paged_attention_cpu(
 
         if seq_ids is not None:
             raise ValueError(f"{KERNEL_ENV}=reference computes whole batches only")
+        if table_rows is not None:
+            block_table = block_table[table_rows.long()]
         return paged_attention_ref(q, k_cache, v_cache, block_table, query_start_loc, seq_lens, scale,
                                    policy, rope, sinks, sliding_window, out)
     load()
@@ -108,7 +113,8 @@ def paged_attention_cpu(
         table = rotation_table(policy, rope)
         inv = rope.inv_freq.float().contiguous()
     torch.ops.streaming_sink.paged_attention(
-        ok, qk, k_cache, v_cache, block_table.long().contiguous(), query_start_loc.long(), seq_lens.long(),
+        ok, qk, k_cache, v_cache, _int_table(block_table), None if table_rows is None else table_rows.long(),
+        query_start_loc.long(), seq_lens.long(),
         float(scale), policy.sink_tokens if policy else 0, policy.window_blocks if policy else -1,
         table, inv, rope.rotary_dim if policy else 0, bool(rope.is_neox_style) if policy else True,
         None if sinks is None else sinks.float().contiguous(), int(sliding_window or 0),
@@ -116,3 +122,9 @@ def paged_attention_cpu(
     if not direct:
         out.copy_(ok)
     return out
+
+
+def _int_table(table: torch.Tensor) -> torch.Tensor:
+    if table.dtype not in (torch.int32, torch.int64):
+        table = table.long()
+    return table if table.stride(-1) == 1 else table.contiguous()

@@ -1,9 +1,10 @@
-"""The attention backend vLLM runs while ``--kv-policy streaming-sink`` is on.
+"""The attention backend vLLM runs while ``--kv-policy streaming-sink`` is on (CUDA),
+and what it shares with the CPU one (backend_cpu.py).
 
 It writes K/V into the paged cache like any backend and computes the contract
-of docs/architecture.md with the engine-free core: the torch reference on CPU,
-the Triton kernels on CUDA. Live blocks come from the policy, never from the
-block table's gap (it holds stale ids of recycled blocks).
+of docs/architecture.md with the engine-free core's Triton kernels. Live blocks
+come from the policy, never from the block table's gap (it holds stale ids of
+recycled blocks).
 """
 
 from __future__ import annotations
@@ -39,29 +40,16 @@ def _current_policy() -> SinkPolicy:
     return policy
 
 
-class StreamingSinkAttentionBackend(AttentionBackend):
+class SinkBackendMixin:
+    """What both streaming-sink backends (CPU: backend_cpu.py, CUDA: below) say to vLLM."""
+
     # vLLM asks customize_spec() for the layer specs outside any config
     # context; the model-load hook (hooks.py) sets the engine's policy here.
     policy: ClassVar[SinkPolicy | None] = None
-    forward_includes_kv_cache_update: bool = False
-    supported_dtypes: ClassVar[list[torch.dtype]] = [torch.float16, torch.bfloat16, torch.float32]
-    supported_kv_cache_dtypes: ClassVar[list] = ["auto"]
-
-    @staticmethod
-    def get_supported_kernel_block_sizes(kv_cache_spec=None) -> list[int | MultipleOf]:
-        return [MultipleOf(16)]
 
     @staticmethod
     def get_name() -> str:
         return "CUSTOM"
-
-    @staticmethod
-    def get_impl_cls() -> type["StreamingSinkAttentionImpl"]:
-        return StreamingSinkAttentionImpl
-
-    @staticmethod
-    def get_builder_cls() -> type["StreamingSinkMetadataBuilder"]:
-        return StreamingSinkMetadataBuilder
 
     @classmethod
     def supports_sink(cls) -> bool:
@@ -81,7 +69,7 @@ class StreamingSinkAttentionBackend(AttentionBackend):
         sliding window (e.g. GPT-OSS) stays a plain sliding-window layer."""
         if not isinstance(spec, FullAttentionSpec | SlidingWindowSpec):
             return spec
-        policy = cls.policy
+        policy = SinkBackendMixin.policy
         if policy is None:
             raise RuntimeError("streaming-sink: KV spec requested before the model was loaded")
         if isinstance(spec, SlidingWindowSpec):
@@ -96,6 +84,52 @@ class StreamingSinkAttentionBackend(AttentionBackend):
             block_size=spec.block_size, num_kv_heads=spec.num_kv_heads, head_size=spec.head_size,
             head_size_v=spec.head_size_v, dtype=spec.dtype, kv_quant_mode=spec.kv_quant_mode,
             sliding_window=policy.window_tokens, sink_tokens=policy.sink_tokens)
+
+
+class SinkImplMixin:
+    """The per-layer state both streaming-sink impls keep: policy, rotary frequencies."""
+
+    def _init_policy(self, alibi_slopes, sliding_window, kv_cache_dtype, logits_soft_cap, attn_type,
+                     kv_sharing_target_layer_name) -> None:
+        unsupported = [name for name, bad in (
+            ("ALiBi", alibi_slopes is not None),
+            ("logits soft-capping", logits_soft_cap not in (None, 0)),
+            (f"quantized KV cache ({kv_cache_dtype})", kv_cache_dtype != "auto"),
+            ("cross-layer KV sharing", kv_sharing_target_layer_name is not None),
+            (f"{attn_type} attention", attn_type != AttentionType.DECODER),
+        ) if bad]
+        if unsupported:
+            raise PolicyConfigError(
+                f"--kv-policy streaming-sink does not support {', '.join(unsupported)} yet")
+        self.policy = _current_policy()
+        self.policy.check_layer_window(sliding_window, "an attention layer")
+        # Filled by rope_remap.install() once the model is built: the layer's
+        # rotary frequencies, needed for the per-block query rotation.
+        self.rope: RotaryParams | None = None
+
+    def _check_rope(self) -> None:
+        if self.rope is None:
+            raise RuntimeError("streaming-sink: rotary parameters were not installed for this layer")
+
+
+class StreamingSinkAttentionBackend(SinkBackendMixin, AttentionBackend):
+    """CUDA: the core's Triton kernels over vLLM's paged cache."""
+
+    forward_includes_kv_cache_update: bool = False
+    supported_dtypes: ClassVar[list[torch.dtype]] = [torch.float16, torch.bfloat16, torch.float32]
+    supported_kv_cache_dtypes: ClassVar[list] = ["auto"]
+
+    @staticmethod
+    def get_supported_kernel_block_sizes(kv_cache_spec=None) -> list[int | MultipleOf]:
+        return [MultipleOf(16)]
+
+    @staticmethod
+    def get_impl_cls() -> type["StreamingSinkAttentionImpl"]:
+        return StreamingSinkAttentionImpl
+
+    @staticmethod
+    def get_builder_cls() -> type["StreamingSinkMetadataBuilder"]:
+        return StreamingSinkMetadataBuilder
 
 
 def _check_block_size(block_size: int, policy: SinkPolicy) -> None:
@@ -135,31 +169,18 @@ class StreamingSinkMetadataBuilder(AttentionMetadataBuilder[StreamingSinkMetadat
             block_table=m.block_table_tensor, slot_mapping=m.slot_mapping)
 
 
-class StreamingSinkAttentionImpl(AttentionImpl):
+class StreamingSinkAttentionImpl(SinkImplMixin, AttentionImpl):
     def __init__(self, num_heads: int, head_size: int, scale: float, num_kv_heads: int,
                  alibi_slopes: list[float] | None, sliding_window: int | None, kv_cache_dtype: str,
                  logits_soft_cap: float | None = None, attn_type: str = AttentionType.DECODER,
                  kv_sharing_target_layer_name: str | None = None,
                  sinks: torch.Tensor | None = None) -> None:
-        unsupported = [name for name, bad in (
-            ("ALiBi", alibi_slopes is not None),
-            ("logits soft-capping", logits_soft_cap not in (None, 0)),
-            (f"quantized KV cache ({kv_cache_dtype})", kv_cache_dtype != "auto"),
-            ("cross-layer KV sharing", kv_sharing_target_layer_name is not None),
-            (f"{attn_type} attention", attn_type != AttentionType.DECODER),
-        ) if bad]
-        if unsupported:
-            raise PolicyConfigError(
-                f"--kv-policy streaming-sink does not support {', '.join(unsupported)} yet")
+        self._init_policy(alibi_slopes, sliding_window, kv_cache_dtype, logits_soft_cap, attn_type,
+                          kv_sharing_target_layer_name)
         self.num_heads, self.head_size, self.num_kv_heads = num_heads, head_size, num_kv_heads
         self.scale = float(scale)
         self.sliding_window = sliding_window
         self.sinks = sinks
-        self.policy = _current_policy()
-        self.policy.check_layer_window(sliding_window, "an attention layer")
-        # Filled by rope_remap.install() once the model is built: the layer's
-        # rotary frequencies, needed for the per-block query rotation.
-        self.rope: RotaryParams | None = None
 
     def do_kv_cache_update(self, layer, key: torch.Tensor, value: torch.Tensor,
                            kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
@@ -180,8 +201,7 @@ class StreamingSinkAttentionImpl(AttentionImpl):
             raise NotImplementedError("fused output quantization is not supported by streaming-sink")
         if attn_metadata is None:  # profiling / warm-up run
             return output
-        if self.rope is None:
-            raise RuntimeError("streaming-sink: rotary parameters were not installed for this layer")
+        self._check_rope()
         n = attn_metadata.num_actual_tokens
         d = self.head_size
         k_cache = kv_cache[..., :d].transpose(1, 2)  # [blocks, block_size, kv_heads, D]
@@ -195,6 +215,6 @@ class StreamingSinkAttentionImpl(AttentionImpl):
             from streaming_sink.triton_attention import paged_attention
 
             paged_attention(*args, **kwargs, max_query_len=attn_metadata.max_query_len)
-        else:
+        else:  # a non-CPU, non-CUDA device: the readable reference
             paged_attention_ref(*args, **kwargs)
         return output

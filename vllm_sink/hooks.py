@@ -14,7 +14,11 @@ computing something else silently. The touch points:
    ``ModelConfig.get_sliding_window`` read to refuse a layer window longer than
    the policy's (GPT-OSS sliding layers must fit inside ``--sink-window``).
 3. ``register_backend(CUSTOM, ...)`` and, on CPU, ``CpuPlatform.get_attn_backend_cls``
-   honouring CUSTOM (the CPU platform otherwise always returns CPU_ATTN).
+   honouring CUSTOM (the CPU platform otherwise always returns CPU_ATTN). The CPU
+   backend subclasses ``CPUAttentionBackend`` / ``CPUAttentionBackendImpl`` /
+   ``CPUAttentionMetadataBuilder`` (backend_cpu.py): it relies on their KV layout for
+   the vec ISAs (keys dim-major per block), ``build`` over a ``CommonAttentionMetadata``
+   subset, ``isa`` / ``_set_isa_to_layers``.
 4. ``KVCacheSpecRegistry.register(StreamingSinkSpec, StreamingSinkManager)``.
 5. ``GPUModelRunner.load_model`` / ``CPUModelRunner.load_model``: after the
    model is built, RoPE positions are remapped and layers get their frequencies.
@@ -229,9 +233,11 @@ def _install_backend() -> None:
     from vllm.platforms import current_platform
     from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
 
-    register_backend(AttentionBackendEnum.CUSTOM, "vllm_sink.backend.StreamingSinkAttentionBackend")
-    if not current_platform.is_cpu():
-        return  # CUDA honours --attention-backend CUSTOM by itself
+    if not current_platform.is_cpu():  # CUDA honours --attention-backend CUSTOM by itself
+        register_backend(AttentionBackendEnum.CUSTOM, "vllm_sink.backend.StreamingSinkAttentionBackend")
+        return
+    # CPU: a subclass of vLLM's CPU_ATTN backend (stock kernel for dense rows).
+    register_backend(AttentionBackendEnum.CUSTOM, "vllm_sink.backend_cpu.StreamingSinkCPUBackend")
     platform_cls = type(current_platform)
     original = platform_cls.get_attn_backend_cls.__func__
 
@@ -282,10 +288,10 @@ def _after_load(load_model):
             from vllm.model_executor.layers.attention import Attention
 
             from . import rope_remap
-            from .backend import StreamingSinkAttentionBackend, StreamingSinkAttentionImpl
+            from .backend import SinkBackendMixin, SinkImplMixin
 
-            StreamingSinkAttentionBackend.policy = policy
-            n = rope_remap.install(self.get_model(), StreamingSinkAttentionImpl, Attention)
+            SinkBackendMixin.policy = policy
+            n = rope_remap.install(self.get_model(), SinkImplMixin, Attention)
             logger.info("streaming-sink: %d attention layers use positions inside the cache", n)
         return result
 

@@ -77,6 +77,16 @@ inline void rotate_row(const float* x, float* y, const float* cs, int64_t half, 
   std::copy(x + 2 * half, x + D, y + 2 * half);
 }
 
+// Physical block ids: int32 or int64 rows; sequence i reads row rows[i] (or row i).
+struct BlockTable {
+  const int32_t* t32;
+  const int64_t* t64;
+  int64_t stride;
+  const int64_t* rows;
+  int64_t row(int64_t seq) const { return rows ? rows[seq] : seq; }
+  int64_t at(int64_t r, int64_t b) const { return t32 ? t32[r * stride + b] : t64[r * stride + b]; }
+};
+
 template <typename KT>
 struct Cache {
   const KT* k;
@@ -88,8 +98,7 @@ struct Cache {
 template <typename KT, typename QT>
 void run_item(const Item& it, int64_t h, const Policy& P, const Rope* rope, const Cache<KT>& C,
               const QT* q, QT* out, int64_t q_row_stride, int64_t Hq, int64_t Hkv, int64_t D,
-              const int64_t* table, int64_t table_stride, const float* sinks, int64_t sw, float scale,
-              std::vector<float>& buf) {
+              const BlockTable& table, const float* sinks, int64_t sw, float scale, std::vector<float>& buf) {
   const int64_t G = Hq / Hkv, nq = it.n * G, bs = P.bs, j = it.j;
   const bool streaming = P.streaming(j);
   const int64_t half = rope ? rope->half : 0;
@@ -121,7 +130,7 @@ void run_item(const Item& it, int64_t h, const Policy& P, const Rope* rope, cons
     for (int64_t b = lo; b <= j; ++b) blocks.push_back(b);
   }
 
-  const int64_t* trow = table + it.seq * table_stride;
+  const int64_t trow = table.row(it.seq);
   for (int64_t b : blocks) {
     // Per query row: the attended key offsets [lo, hi) of this block.
     auto range = [&](int64_t qi, int64_t& lo, int64_t& hi) {
@@ -138,7 +147,7 @@ void run_item(const Item& it, int64_t h, const Policy& P, const Rope* rope, cons
       if (lo < hi) blo = std::min(blo, lo), bhi = std::max(bhi, hi);
     }
     if (blo >= bhi) continue;
-    const int64_t phys = trow[b];
+    const int64_t phys = table.at(trow, b);
     const KT* kblk = C.k + phys * C.kb + h * C.kh;
     const KT* vblk = C.v + phys * C.vb + h * C.vh;
 
@@ -220,12 +229,14 @@ void run_item(const Item& it, int64_t h, const Policy& P, const Rope* rope, cons
 }
 
 // out, q: [tokens, Hq, D] contiguous, float32 or the cache's dtype. k_cache/v_cache: [blocks, bs, Hkv, D].
-// block_table [seqs, max_blocks] int64; query_start_loc [seqs + 1]; seq_lens [seqs] int64.
+// block_table [rows, max_blocks] int32/int64, table_rows [seqs] (sequence -> row; None: row i);
+// query_start_loc [seqs + 1], seq_lens [seqs] int64.
 // window_blocks < 0: no policy. rope_table [(Wb + 1), half, 2] + inv_freq [half] float32.
 // seq_ids: only these sequences' rows are computed (the others' rows are left untouched).
 void paged_attention(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cache,
                      const at::Tensor& v_cache, const at::Tensor& block_table,
-                     const at::Tensor& query_start_loc, const at::Tensor& seq_lens, double scale,
+                     const c10::optional<at::Tensor>& table_rows, const at::Tensor& query_start_loc,
+                     const at::Tensor& seq_lens, double scale,
                      int64_t sink_tokens, int64_t window_blocks,
                      const c10::optional<at::Tensor>& rope_table, const c10::optional<at::Tensor>& inv_freq,
                      int64_t rotary_dim, bool neox, const c10::optional<at::Tensor>& sinks,
@@ -235,8 +246,11 @@ void paged_attention(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_c
               "q/out: float32 or the cache's dtype");
   TORCH_CHECK(q.is_contiguous() && out.is_contiguous() && q.sizes() == out.sizes(), "q/out: same shape, contiguous");
   TORCH_CHECK(k_cache.dim() == 4 && v_cache.dim() == 4, "caches are [blocks, block_size, kv_heads, D]");
-  TORCH_CHECK(block_table.scalar_type() == at::kLong && query_start_loc.scalar_type() == at::kLong &&
-              seq_lens.scalar_type() == at::kLong, "block_table/query_start_loc/seq_lens must be int64");
+  TORCH_CHECK(block_table.scalar_type() == at::kLong || block_table.scalar_type() == at::kInt,
+              "block_table must be int32 or int64");
+  TORCH_CHECK(query_start_loc.scalar_type() == at::kLong && seq_lens.scalar_type() == at::kLong &&
+              (!table_rows.has_value() || table_rows->scalar_type() == at::kLong),
+              "query_start_loc/seq_lens/table_rows must be int64");
   TORCH_CHECK(block_table.stride(1) == 1, "block_table rows must be contiguous");
   const int64_t Hq = q.size(1), D = q.size(2), bs = k_cache.size(1), Hkv = k_cache.size(2);
   TORCH_CHECK(Hq % Hkv == 0 && k_cache.size(3) == D, "head shapes do not match");
@@ -276,8 +290,9 @@ void paged_attention(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_c
   }
   const int64_t n_work = static_cast<int64_t>(items.size()) * Hkv;
   if (n_work == 0) return;
-  const int64_t* tp = block_table.data_ptr<int64_t>();
-  const int64_t tstride = block_table.stride(0);
+  const bool i32 = block_table.scalar_type() == at::kInt;
+  BlockTable table{i32 ? block_table.data_ptr<int32_t>() : nullptr, i32 ? nullptr : block_table.data_ptr<int64_t>(),
+                   block_table.stride(0), table_rows.has_value() ? table_rows->data_ptr<int64_t>() : nullptr};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, k_cache.scalar_type(), "sink_attention_cpu", [&] {
     TORCH_CHECK(v_cache.scalar_type() == k_cache.scalar_type(), "k/v cache dtypes differ");
     Cache<scalar_t> C{k_cache.data_ptr<scalar_t>(), v_cache.data_ptr<scalar_t>(),
@@ -288,7 +303,7 @@ void paged_attention(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_c
         std::vector<float> buf;
         for (int64_t w = begin; w < end; ++w)
           run_item(items[w / Hkv], w % Hkv, P, P.on ? &rope : nullptr, C, qp, op, Hq * D, Hq, Hkv, D,
-                   tp, tstride, sink_ptr, sliding_window, static_cast<float>(scale), buf);
+                   table, sink_ptr, sliding_window, static_cast<float>(scale), buf);
       });
     };
     if (q.scalar_type() == at::kFloat) run(q.data_ptr<float>(), out.data_ptr<float>());
@@ -300,7 +315,7 @@ void paged_attention(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_c
 
 TORCH_LIBRARY(streaming_sink, m) {
   m.def("paged_attention(Tensor(a!) out, Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_table, "
-        "Tensor query_start_loc, Tensor seq_lens, float scale, int sink_tokens, int window_blocks, "
+        "Tensor? table_rows, Tensor query_start_loc, Tensor seq_lens, float scale, int sink_tokens, int window_blocks, "
         "Tensor? rope_table, Tensor? inv_freq, int rotary_dim, bool neox, Tensor? sinks, "
         "int sliding_window, Tensor? seq_ids) -> ()");
 }

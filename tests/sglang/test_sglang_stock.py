@@ -1,4 +1,5 @@
-"""Policy off: SGLang with this package installed computes exactly what stock SGLang does.
+"""Policy off, and policy on below the window: SGLang with this package computes
+exactly what stock SGLang does (dense requests run torch_native's own attention).
 
 Stock = a separate process with ``SGLANG_PLUGINS=__none__``, so SGLang loads no
 plugin of ours; the same workload runs in this process with the plugin loaded and
@@ -45,3 +46,17 @@ def test_policy_off_is_stock_sglang(tiny_llama_128, stock):
     assert ours["greedy"] == stock["greedy"]
     assert ours["prompt_logprobs"] == stock["prompt_logprobs"]
     assert len(ours["greedy"][2]) == 60 and len(ours["prompt_logprobs"]) == 120
+
+
+def test_policy_on_below_the_window_is_stock_sglang(tiny_llama_128, stock):
+    """Every request of the workload stays below S + W (window 123: the largest the
+    128-position rotary table allows), so all rows are dense: torch_native's own SDPA."""
+    import sglang
+
+    engine = sglang.Engine(**engine_args(tiny_llama_128, sink_window=123))
+    try:
+        ours = workload(engine)
+    finally:
+        engine.shutdown()
+    assert ours["greedy"] == stock["greedy"]
+    assert ours["prompt_logprobs"] == stock["prompt_logprobs"]

@@ -1,0 +1,143 @@
+"""The compiled CPU kernel (streaming_sink/cpu_attention.py) against the oracle and
+the torch reference, on the property harness of test_core_properties.py: random
+policies and shapes, shuffled physical blocks, stale ids in the freed gap pointing
+at NaN blocks, mixed dense/streaming batches, chunks across the switch, GQA,
+partial rotary, NeoX and GPT-J styles, learned sinks, layer windows.
+
+Plus what only the kernel has: the engines' cache layouts (vLLM CPU_ATTN's
+dim-major keys, SGLang's token pool), bf16/fp16 caches read in place, int32
+tables, ``seq_ids`` (only some sequences' rows) and ``table_rows``.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
+
+from oracle import Contract
+from test_core_properties import attention_cases, build_paged_case, run_oracle, run_ref
+
+from streaming_sink.cpu_attention import paged_attention_cpu, rotation_table
+from streaming_sink.policy import SinkPolicy
+from streaming_sink.rope import RotaryParams, rotate
+
+PROPS = settings(max_examples=120, deadline=None,
+                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+
+
+def run_kernel(case, pc, k_cache=None, v_cache=None, q=None, **overrides):
+    c = case["c"]
+    policy = None if c.off else SinkPolicy(c.sink_tokens, c.window_blocks * c.block_size, c.block_size)
+    kw = dict(scale=case["D"] ** -0.5, policy=policy, rope=RotaryParams(pc["inv32"], case["rot"], case["neox"]),
+              sinks=pc["sinks"], sliding_window=case["sw"])
+    kw.update(overrides)
+    return paged_attention_cpu(pc["q"] if q is None else q, pc["k_cache"] if k_cache is None else k_cache,
+                               pc["v_cache"] if v_cache is None else v_cache, pc["table"], pc["qsl"],
+                               pc["seq_lens"], **kw)
+
+
+def dim_major(cache: torch.Tensor) -> torch.Tensor:
+    """The same cache stored as vLLM's CPU_ATTN keys: per block and head [D, block_size]."""
+    return cache.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)
+
+
+@PROPS
+@given(attention_cases())
+def test_kernel_matches_oracle(case):
+    c = case["c"]
+    event("policy off" if c.off else "policy on")
+    pc = build_paged_case(case)
+    want = run_oracle(case, pc)
+    got = run_kernel(case, pc)
+    assert got.dtype == torch.float32 and got.shape == want.shape
+    assert torch.isfinite(got).all(), "read a stale (NaN) block"
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4)
+    # vLLM's CPU layout (keys dim-major) and an int64 table: the same numbers.
+    pc64 = dict(pc, table=pc["table"].long())
+    torch.testing.assert_close(run_kernel(case, pc64, k_cache=dim_major(pc["k_cache"])), got, rtol=1e-5, atol=1e-5)
+
+
+@PROPS
+@given(attention_cases(), st.sampled_from([torch.bfloat16, torch.float16]), st.booleans())
+def test_half_caches_match_reference(case, dtype, q_in_cache_dtype):
+    """bf16/fp16 caches read in place (no float copy) compute what the reference
+    computes from the same stored values; q and out may be float32 or the cache's dtype."""
+    pc = build_paged_case(case)
+    if dtype == torch.float16:  # the harness's garbage blocks (x100) and NaN stay in range
+        pc = dict(pc, k_cache=pc["k_cache"].clamp(-6e4, 6e4), v_cache=pc["v_cache"].clamp(-6e4, 6e4))
+    kc, vc = pc["k_cache"].to(dtype), pc["v_cache"].to(dtype)
+    q = pc["q"].to(dtype) if q_in_cache_dtype else pc["q"]
+    want = run_ref(case, dict(pc, q=q, k_cache=kc, v_cache=vc))
+    got = run_kernel(case, pc, k_cache=dim_major(kc), v_cache=vc, q=q)
+    assert got.dtype == q.dtype and torch.isfinite(got).all()
+    tol = 2e-2 if q_in_cache_dtype else 1e-4  # one rounding of the output to bf16/fp16
+    torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol)
+
+
+@PROPS
+@given(attention_cases().filter(lambda c: len(c["seqs"]) > 1), st.data())
+def test_seq_ids_computes_only_those_rows(case, data):
+    pc = build_paged_case(case)
+    n = len(case["seqs"])
+    ids = sorted(data.draw(st.sets(st.integers(0, n - 1), min_size=1, max_size=n - 1), label="seq_ids"))
+    full = run_kernel(case, pc)
+    out = torch.full_like(pc["q"], 7.0)
+    run_kernel(case, pc, out=out, seq_ids=torch.tensor(ids))
+    qsl = pc["qsl"].tolist()
+    for i in range(n):
+        rows = slice(qsl[i], qsl[i + 1])
+        if i in ids:
+            assert torch.equal(out[rows], full[rows])
+        else:
+            assert (out[rows] == 7.0).all(), "touched a row it was not asked for"
+
+
+def test_token_pool_rows_read_in_place():
+    """SGLang's shape: block size 1, one int32 row of slot ids per pool entry, requests
+    naming their row (``table_rows``), bf16 pool, learned sinks."""
+    case = dict(c=Contract(4, 1, 24), seqs=[(40, 1), (90, 7), (20, 20)], hkv=2, group=3, D=64, rot=64,
+                neox=True, base=10000.0, learned=True, sw=None, seed=3)
+    pc = build_paged_case(case)
+    pool_rows = torch.full((6, pc["table"].shape[1]), 10 ** 6, dtype=torch.int32)  # unused rows: out of range
+    which = torch.tensor([4, 0, 2])
+    pool_rows[which] = pc["table"]
+    want = run_oracle(case, pc)
+    got = run_kernel(case, dict(pc, table=pool_rows), table_rows=which)
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4)
+
+
+def test_harness_detects_stale_reads():
+    """Without the policy the kernel reads every block, the stale NaN ones too: a
+    passing property above therefore means the live-block walk never reads the gap."""
+    case = dict(c=Contract(4, 16, 1), seqs=[(100, 3), (70, 40)], hkv=2, group=2, D=32, rot=32, neox=True,
+                base=10000.0, learned=False, sw=None, seed=1)
+    pc = build_paged_case(case)
+    torch.testing.assert_close(run_kernel(case, pc).double(), run_oracle(case, pc), rtol=1e-4, atol=1e-4)
+    assert torch.isnan(run_kernel(case, pc, policy=None, rope=None)).any()
+
+
+def test_rotation_table_is_the_reference_rotation():
+    policy = SinkPolicy(4, 96, 32)
+    rope = RotaryParams.default(48, base=10000.0)
+    table = rotation_table(policy, rope)
+    assert table.shape == (policy.window_blocks + 1, 24, 2)
+    x = torch.randn(1, 1, 48)
+    for m in range(policy.window_blocks + 1):
+        delta = torch.tensor([m * policy.block_size])
+        c, s = table[m, :, 0], table[m, :, 1]
+        x1, x2 = x[..., :24], x[..., 24:]
+        assert torch.equal(torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], -1), rotate(x, delta, rope))
+    assert rotation_table(policy, rope) is table  # one table per layer rotary
+
+
+def test_reference_can_be_forced(monkeypatch):
+    case = dict(c=Contract(4, 16, 2), seqs=[(120, 5)], hkv=1, group=2, D=32, rot=32, neox=False,
+                base=100.0, learned=False, sw=None, seed=2)
+    pc = build_paged_case(case)
+    monkeypatch.setenv("STREAMING_SINK_CPU_KERNEL", "reference")
+    torch.testing.assert_close(run_kernel(case, pc), run_ref(case, pc))
+    monkeypatch.setenv("STREAMING_SINK_CPU_KERNEL", "fast")
+    with pytest.raises(ValueError, match="STREAMING_SINK_CPU_KERNEL"):
+        run_kernel(case, pc)
