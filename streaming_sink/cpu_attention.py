@@ -45,7 +45,7 @@ def load() -> None:
     tag = torch.__version__.replace("+", "_").replace(".", "_")
     logger.info("streaming-sink: loading the CPU attention kernel (the first build takes ~1 min)")
     build(name=f"streaming_sink_cpu_{tag}", sources=[str(src)], is_python_module=False,
-          extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"])
+          extra_cflags=["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp"], extra_ldflags=["-fopenmp"])
 
 
 _tables: dict[tuple, tuple[RotaryParams, torch.Tensor]] = {}

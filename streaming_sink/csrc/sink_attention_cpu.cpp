@@ -24,6 +24,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -95,30 +96,107 @@ struct Cache {
   int64_t vb, vo, vh, vd;
 };
 
+// Loads as float. bf16 by a shift, so loops over it vectorise.
+inline float load(float x) { return x; }
+inline float load(c10::Half x) { return static_cast<float>(x); }
+inline float load(c10::BFloat16 x) {
+  uint32_t bits = static_cast<uint32_t>(x.x) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+// exp(x) for x <= 0 (scores minus their running max), Cephes' expf polynomial
+// (~1 ulp): plain arithmetic, so loops over it vectorise (std::exp does not).
+inline float exp_neg(float x) {
+  x = std::max(x, -87.0f);
+  const float n = std::nearbyint(x * 1.44269504088896341f);
+  const float f = x - n * 0.693359375f + n * 2.12194440e-4f;
+  float y = 1.9875691500e-4f;
+  y = y * f + 1.3981999507e-3f;
+  y = y * f + 8.3334519073e-3f;
+  y = y * f + 4.1665795894e-2f;
+  y = y * f + 1.6666665459e-1f;
+  y = y * f + 5.0000001201e-1f;
+  y = y * f * f + f + 1.0f;
+  const int32_t e = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &e, sizeof scale);
+  return y * scale;
+}
+
+// Keys scored per online-softmax update: one block of 64+ tokens, or several small
+// blocks (SGLang's are single tokens), so the per-update cost is spread.
+constexpr int64_t kGroupKeys = 128;
+// Register tiles: kRows query rows x kLanes floats (one AVX-512 vector).
+constexpr int64_t kRows = 4, kLanes = 16;
+
+// Scores s[r][o] = q[r] . k(o) for kRows rows, o in [o0, o1) (multiples of kLanes) of a
+// dim-major key block (vLLM's CPU layout): each key vector loaded once for all rows.
+template <typename KT>
+inline void score_tile_dim_major(const float* q, int64_t D, const KT* kblk, int64_t kd, int64_t o0,
+                                 int64_t o1, float* s, int64_t s_stride) {
+  for (int64_t o = o0; o < o1; o += kLanes) {
+    float t[kRows][kLanes] = {};
+    for (int64_t d = 0; d < D; ++d) {
+      const KT* kr = kblk + d * kd + o;
+      for (int64_t r = 0; r < kRows; ++r) {
+        const float qd = q[r * D + d];
+#pragma omp simd
+        for (int64_t c = 0; c < kLanes; ++c) t[r][c] += qd * load(kr[c]);
+      }
+    }
+    for (int64_t r = 0; r < kRows; ++r) std::copy_n(t[r], kLanes, s + r * s_stride + o);
+  }
+}
+
+// acc[r][:] += sum_o p[r][o] * v(o) for kRows rows, o in [o0, o1), token-major values.
+template <typename KT>
+inline void pv_tile(const float* p, int64_t p_stride, const KT* vblk, int64_t vo, int64_t o0, int64_t o1,
+                    float* acc, int64_t D) {
+  for (int64_t d0 = 0; d0 < D; d0 += kLanes) {
+    float t[kRows][kLanes];
+    for (int64_t r = 0; r < kRows; ++r) std::copy_n(acc + r * D + d0, kLanes, t[r]);
+    for (int64_t o = o0; o < o1; ++o) {
+      const KT* vr = vblk + o * vo + d0;
+      for (int64_t r = 0; r < kRows; ++r) {
+        const float pr = p[r * p_stride + o];
+#pragma omp simd
+        for (int64_t c = 0; c < kLanes; ++c) t[r][c] += pr * load(vr[c]);
+      }
+    }
+    for (int64_t r = 0; r < kRows; ++r) std::copy_n(t[r], kLanes, acc + r * D + d0);
+  }
+}
+
 template <typename KT, typename QT>
 void run_item(const Item& it, int64_t h, const Policy& P, const Rope* rope, const Cache<KT>& C,
               const QT* q, QT* out, int64_t q_row_stride, int64_t Hq, int64_t Hkv, int64_t D,
               const BlockTable& table, const float* sinks, int64_t sw, float scale, std::vector<float>& buf) {
   const int64_t G = Hq / Hkv, nq = it.n * G, bs = P.bs, j = it.j;
+  const int64_t nqp = (nq + kRows - 1) / kRows * kRows;  // rows padded to whole tiles (zero queries)
   const bool streaming = P.streaming(j);
   const int64_t half = rope ? rope->half : 0;
-  buf.resize(nq * D * 3 + nq * bs + nq * 2 + 2 * std::max<int64_t>(half, 1));
-  float* qf = buf.data();        // [nq, D] the item's queries (a = qi * G + g)
-  float* qr = qf + nq * D;       // [nq, D] rotated by the current block's delta
-  float* acc = qr + nq * D;      // [nq, D]
-  float* s = acc + nq * D;       // [nq, bs] scores of the current block
-  float* m = s + nq * bs;        // [nq] running max
-  float* l = m + nq;             // [nq] running denominator
-  float* cs = l + nq;            // [half, 2]
+  const int64_t gblocks = std::max<int64_t>(1, kGroupKeys / bs), gcols = gblocks * bs;
+  const bool tiled_k = C.kd != 1 && C.ko == 1 && bs % kLanes == 0 && D % kLanes == 0;
+  const bool tiled_v = C.vd == 1 && D % kLanes == 0;
+  buf.resize(nqp * D * 3 + nqp * gcols + nqp * 2 + 2 * std::max<int64_t>(half, 1));
+  std::fill_n(buf.data(), nqp * D * 2, 0.f);  // queries (padding rows stay 0) and accumulators
+  float* qf = buf.data();         // [nqp, D] the item's queries (a = qi * G + g), scaled
+  float* acc = qf + nqp * D;      // [nqp, D]
+  float* qr = acc + nqp * D;      // [nqp, D] rotated by the current block's delta
+  float* s = qr + nqp * D;        // [nqp, gcols] scores (then probabilities) of the group
+  float* m = s + nqp * gcols;     // [nqp] running max
+  float* l = m + nqp;             // [nqp] running denominator
+  float* cs = l + nqp;            // [half, 2]
   for (int64_t qi = 0; qi < it.n; ++qi)
     for (int64_t g = 0; g < G; ++g) {
       const int64_t a = qi * G + g, head = h * G + g;
       const QT* qrow = q + (it.row0 + qi) * q_row_stride + head * D;
-      for (int64_t d = 0; d < D; ++d) qf[a * D + d] = static_cast<float>(qrow[d]);
+      for (int64_t d = 0; d < D; ++d) qf[a * D + d] = static_cast<float>(qrow[d]) * scale;
       m[a] = sinks ? sinks[head] : -std::numeric_limits<float>::infinity();
       l[a] = sinks ? 1.f : 0.f;  // exp(sink - m) = 1: the sink's share of the denominator
     }
-  std::fill_n(acc, nq * D, 0.f);
 
   // Live blocks (docs/architecture.md): sinks + window when streaming, else 0..j.
   std::vector<int64_t> blocks;
@@ -129,93 +207,119 @@ void run_item(const Item& it, int64_t h, const Policy& P, const Rope* rope, cons
     int64_t lo = sw > 0 ? std::max<int64_t>(it.t0 - sw + 1, 0) / bs : 0;
     for (int64_t b = lo; b <= j; ++b) blocks.push_back(b);
   }
+  // The attended key offsets [lo, hi) of block b for query row qi.
+  auto range = [&](int64_t b, int64_t qi, int64_t& lo, int64_t& hi) {
+    const int64_t t = it.t0 + qi, base = b * bs;
+    lo = 0;
+    hi = std::min(bs, t - base + 1);
+    if (sw > 0) lo = std::max(lo, t - sw + 1 - base);
+    else if (streaming && b < P.Sb) hi = std::min(hi, P.S - base);  // sink tokens only
+  };
 
   const int64_t trow = table.row(it.seq);
-  for (int64_t b : blocks) {
-    // Per query row: the attended key offsets [lo, hi) of this block.
-    auto range = [&](int64_t qi, int64_t& lo, int64_t& hi) {
-      const int64_t t = it.t0 + qi, base = b * bs;
-      lo = 0;
-      hi = std::min(bs, t - base + 1);
-      if (sw > 0) lo = std::max(lo, t - sw + 1 - base);
-      else if (streaming && b < P.Sb) hi = std::min(hi, P.S - base);  // sink tokens only
-    };
-    int64_t blo = bs, bhi = 0;
-    for (int64_t qi = 0; qi < it.n; ++qi) {
-      int64_t lo, hi;
-      range(qi, lo, hi);
-      if (lo < hi) blo = std::min(blo, lo), bhi = std::max(bhi, hi);
-    }
-    if (blo >= bhi) continue;
-    const int64_t phys = table.at(trow, b);
-    const KT* kblk = C.k + phys * C.kb + h * C.kh;
-    const KT* vblk = C.v + phys * C.vb + h * C.vh;
-
-    const int64_t delta = (!P.on || b < P.Sb) ? 0 : P.ws(j) - P.ws(b);
+  const KT* vblk[kGroupKeys];
+  int64_t ulo[kGroupKeys], uhi[kGroupKeys];  // per block of the group: union of the rows' ranges
+  for (size_t g0 = 0; g0 < blocks.size(); g0 += gblocks) {
+    const int64_t ng = std::min<int64_t>(gblocks, blocks.size() - g0);
+    // 1. Scores of every block of the group, each through the query rotated by its delta.
+    int64_t last_delta = 0;
     const float* qb = qf;
-    if (delta != 0) {
-      rotation(*rope, delta, bs, cs);
-      for (int64_t a = 0; a < nq; ++a) rotate_row(qf + a * D, qr + a * D, cs, half, D, rope->neox);
-      qb = qr;
-    }
-    // Scores over the block's union range [blo, bhi); rows mask their own below.
-    for (int64_t a = 0; a < nq; ++a) {
-      float* sa = s + a * bs;
-      const float* qa = qb + a * D;
-      if (C.kd == 1) {  // token-major keys (SGLang's pool)
-        for (int64_t o = blo; o < bhi; ++o) {
-          const KT* kr = kblk + o * C.ko;
-          float dot = 0.f;
+    for (int64_t gi = 0; gi < ng; ++gi) {
+      const int64_t b = blocks[g0 + gi];
+      int64_t blo = bs, bhi = 0;
+      for (int64_t qi = 0; qi < it.n; ++qi) {
+        int64_t lo, hi;
+        range(b, qi, lo, hi);
+        if (lo < hi) blo = std::min(blo, lo), bhi = std::max(bhi, hi);
+      }
+      ulo[gi] = blo, uhi[gi] = std::max(blo, bhi);
+      const int64_t phys = table.at(trow, b);
+      vblk[gi] = C.v + phys * C.vb + h * C.vh;
+      if (blo >= bhi) continue;
+      const KT* kblk = C.k + phys * C.kb + h * C.kh;
+      const int64_t delta = (!P.on || b < P.Sb) ? 0 : P.ws(j) - P.ws(b);
+      if (delta == 0) {
+        qb = qf;
+      } else if (delta != last_delta || qb == qf) {
+        rotation(*rope, delta, bs, cs);
+        for (int64_t a = 0; a < nqp; ++a) rotate_row(qf + a * D, qr + a * D, cs, half, D, rope->neox);
+        qb = qr;
+      }
+      last_delta = delta;
+      float* sg = s + gi * bs;
+      if (tiled_k) {  // vLLM's layout: whole lane groups (the block's slots all exist)
+        const int64_t o0 = blo / kLanes * kLanes, o1 = (bhi + kLanes - 1) / kLanes * kLanes;
+        for (int64_t a0 = 0; a0 < nqp; a0 += kRows)
+          score_tile_dim_major(qb + a0 * D, D, kblk, C.kd, o0, o1, sg + a0 * gcols, gcols);
+      } else {
+        for (int64_t a = 0; a < nqp; ++a) {
+          float* sa = sg + a * gcols;
+          const float* qa = qb + a * D;
+          for (int64_t o = blo; o < bhi; ++o) {
+            const KT* kr = kblk + o * C.ko;
+            float dot = 0.f;
+            if (C.kd == 1) {
 #pragma omp simd reduction(+ : dot)
-          for (int64_t d = 0; d < D; ++d) dot += qa[d] * static_cast<float>(kr[d]);
-          sa[o] = dot * scale;
-        }
-      } else {  // dim-major keys (vLLM's CPU layout: offset stride 1)
-        std::fill(sa + blo, sa + bhi, 0.f);
-        for (int64_t d = 0; d < D; ++d) {
-          const KT* kr = kblk + d * C.kd;
-          const float qd = qa[d];
-          if (C.ko == 1) {
-#pragma omp simd
-            for (int64_t o = blo; o < bhi; ++o) sa[o] += qd * static_cast<float>(kr[o]);
-          } else {
-            for (int64_t o = blo; o < bhi; ++o) sa[o] += qd * static_cast<float>(kr[o * C.ko]);
+              for (int64_t d = 0; d < D; ++d) dot += qa[d] * load(kr[d]);
+            } else {
+              for (int64_t d = 0; d < D; ++d) dot += qa[d] * load(kr[d * C.kd]);
+            }
+            sa[o] = dot;
           }
         }
-        for (int64_t o = blo; o < bhi; ++o) sa[o] *= scale;
       }
     }
-    // Online softmax update and P.V, row by row over the row's own range (slots a
-    // row does not attend are never touched: they may hold anything, NaN included).
+    // 2. Online softmax update per row over its own ranges; in the union ranges, what
+    // a row does not attend gets probability 0 (those slots are written, finite keys).
     for (int64_t qi = 0; qi < it.n; ++qi) {
-      int64_t lo, hi;
-      range(qi, lo, hi);
-      if (lo >= hi) continue;
+      int64_t lo[kGroupKeys], hi[kGroupKeys];
+      for (int64_t gi = 0; gi < ng; ++gi) range(blocks[g0 + gi], qi, lo[gi], hi[gi]);
       for (int64_t g = 0; g < G; ++g) {
         const int64_t a = qi * G + g;
-        float* sa = s + a * bs;
+        float* sa = s + a * gcols;
         float mb = m[a];
-        for (int64_t o = lo; o < hi; ++o) mb = std::max(mb, sa[o]);
-        const float corr = std::exp(m[a] - mb);
-        float* acca = acc + a * D;
+        for (int64_t gi = 0; gi < ng; ++gi)
+          for (int64_t o = gi * bs + lo[gi]; o < gi * bs + hi[gi]; ++o) mb = std::max(mb, sa[o]);
+        const float corr = std::exp(m[a] - mb);  // 0 on the first keys of a row without sinks
         if (corr != 1.f) {
           l[a] *= corr;
+          float* acca = acc + a * D;
+#pragma omp simd
           for (int64_t d = 0; d < D; ++d) acca[d] *= corr;
         }
         m[a] = mb;
         float sum = 0.f;
-        for (int64_t o = lo; o < hi; ++o) {
-          const float p = std::exp(sa[o] - mb);
-          sum += p;
-          const KT* vr = vblk + o * C.vo;
-          if (C.vd == 1) {
-#pragma omp simd
-            for (int64_t d = 0; d < D; ++d) acca[d] += p * static_cast<float>(vr[d]);
-          } else {
-            for (int64_t d = 0; d < D; ++d) acca[d] += p * static_cast<float>(vr[d * C.vd]);
+        for (int64_t gi = 0; gi < ng; ++gi) {
+          float* sp = sa + gi * bs;
+          const int64_t l0 = std::max(lo[gi], ulo[gi]), h0 = std::min(hi[gi], uhi[gi]);
+          for (int64_t o = ulo[gi]; o < std::min(l0, uhi[gi]); ++o) sp[o] = 0.f;
+#pragma omp simd reduction(+ : sum)
+          for (int64_t o = l0; o < h0; ++o) {
+            sp[o] = exp_neg(sp[o] - mb);
+            sum += sp[o];
           }
+          for (int64_t o = std::max(h0, ulo[gi]); o < uhi[gi]; ++o) sp[o] = 0.f;
         }
         l[a] += sum;
+      }
+    }
+    for (int64_t a = nq; a < nqp; ++a)  // padding rows: no keys
+      for (int64_t gi = 0; gi < ng; ++gi) std::fill(s + a * gcols + gi * bs + ulo[gi], s + a * gcols + gi * bs + uhi[gi], 0.f);
+    // 3. P.V over the union ranges.
+    for (int64_t gi = 0; gi < ng; ++gi) {
+      if (ulo[gi] >= uhi[gi]) continue;
+      if (tiled_v) {
+        for (int64_t a0 = 0; a0 < nqp; a0 += kRows)
+          pv_tile(s + a0 * gcols + gi * bs, gcols, vblk[gi], C.vo, ulo[gi], uhi[gi], acc + a0 * D, D);
+      } else {
+        for (int64_t a = 0; a < nq; ++a) {
+          float* acca = acc + a * D;
+          for (int64_t o = ulo[gi]; o < uhi[gi]; ++o) {
+            const float p = s[a * gcols + gi * bs + o];
+            const KT* vr = vblk[gi] + o * C.vo;
+            for (int64_t d = 0; d < D; ++d) acca[d] += p * load(vr[d * C.vd]);
+          }
+        }
       }
     }
   }
