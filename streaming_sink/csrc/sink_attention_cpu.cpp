@@ -273,10 +273,18 @@ void run_item(const Item& it, int64_t h, const Policy& P, const Rope* rope, cons
     // a row does not attend gets probability 0 (those slots are written, finite keys).
     for (int64_t qi = 0; qi < it.n; ++qi) {
       int64_t lo[kGroupKeys], hi[kGroupKeys];
-      for (int64_t gi = 0; gi < ng; ++gi) range(blocks[g0 + gi], qi, lo[gi], hi[gi]);
+      bool any = false;
+      for (int64_t gi = 0; gi < ng; ++gi) {
+        range(blocks[g0 + gi], qi, lo[gi], hi[gi]);
+        any |= lo[gi] < hi[gi];
+      }
       for (int64_t g = 0; g < G; ++g) {
         const int64_t a = qi * G + g;
         float* sa = s + a * gcols;
+        if (!any) {  // no key of this group for the row (a layer window): p = 0 in the union
+          for (int64_t gi = 0; gi < ng; ++gi) std::fill(sa + gi * bs + ulo[gi], sa + gi * bs + uhi[gi], 0.f);
+          continue;
+        }
         float mb = m[a];
         for (int64_t gi = 0; gi < ng; ++gi)
           for (int64_t o = gi * bs + lo[gi]; o < gi * bs + hi[gi]; ++o) mb = std::max(mb, sa[o]);
