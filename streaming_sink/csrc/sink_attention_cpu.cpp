@@ -286,8 +286,11 @@ void run_item(const Item& it, int64_t h, const Policy& P, const Rope* rope, cons
           continue;
         }
         float mb = m[a];
-        for (int64_t gi = 0; gi < ng; ++gi)
-          for (int64_t o = gi * bs + lo[gi]; o < gi * bs + hi[gi]; ++o) mb = std::max(mb, sa[o]);
+        for (int64_t gi = 0; gi < ng; ++gi) {
+          const float* sp = sa + gi * bs;
+#pragma omp simd reduction(max : mb)
+          for (int64_t o = lo[gi]; o < hi[gi]; ++o) mb = std::max(mb, sp[o]);
+        }
         const float corr = std::exp(m[a] - mb);  // 0 on the first keys of a row without sinks
         if (corr != 1.f) {
           l[a] *= corr;
