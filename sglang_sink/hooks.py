@@ -11,8 +11,10 @@ Hooks go through SGLang's own ``HookRegistry`` (AROUND/AFTER), applied by
    startup, in the main process (ServerArgs is a msgspec Struct: no new fields, so
    the settings ride as one extra attribute, which SGLang pickles to its children).
 2. ``attention_backend_setup._build_full_attention_backend_from_str``: with the
-   policy on, our backend (a ``TorchNativeAttnBackend`` that computes the contract
-   with the core) instead of the one named by ``--attention-backend``.
+   policy on, our backend instead of the one named by ``--attention-backend``: a
+   ``TorchNativeAttnBackend`` subclass (its KV write, ``init_forward_metadata``, and its
+   ``_run_sdpa_forward_extend`` / ``_run_sdpa_forward_decode`` for requests below the
+   window); the other requests go to the core's kernel.
 3. ``ForwardBatch.init_new``: positions become cache positions ``pos(t)``.
 4. ``ScheduleBatch.maybe_evict_swa`` (SGLang's per-step "free out-of-window slots"
    call, before each allocation): frees the blocks the window left, floor at the sinks.

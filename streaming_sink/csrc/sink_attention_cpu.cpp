@@ -128,8 +128,9 @@ inline float exp_neg(float x) {
 // Keys scored per online-softmax update: one block of 64+ tokens, or several small
 // blocks (SGLang's are single tokens), so the per-update cost is spread.
 constexpr int64_t kGroupKeys = 128;
-// Register tiles: kRows query rows x kLanes floats (one AVX-512 vector).
-constexpr int64_t kRows = 4, kLanes = 16;
+// Register tiles: kRows query rows x kLanes floats (two AVX-512 vectors): 8 accumulators,
+// and per step 2 loads of keys (values) + 4 broadcasts of queries (probabilities) feed 8 FMAs.
+constexpr int64_t kRows = 4, kLanes = 32;
 
 // Scores s[r][o] = q[r] . k(o) for kRows rows, o in [o0, o1) (multiples of kLanes) of a
 // dim-major key block (vLLM's CPU layout): each key vector loaded once for all rows.
