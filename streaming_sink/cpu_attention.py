@@ -10,7 +10,8 @@ Same arguments and results as :func:`streaming_sink.reference_attention.paged_at
 ``$TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``).
 
 ``STREAMING_SINK_CPU_KERNEL=reference`` runs the torch reference instead (for
-comparisons; it is several times slower).
+comparisons; it is several times slower); so does a machine where the kernel cannot
+be built (one warning says why).
 """
 
 from __future__ import annotations
@@ -37,15 +38,26 @@ def use_reference() -> bool:
 
 
 @functools.lru_cache(maxsize=None)
-def load() -> None:
-    """Builds (once per machine and torch version) and loads the kernel."""
+def load() -> bool:
+    """Builds (once per machine and torch version) and loads the kernel. False, with one
+    warning, if it cannot be built here (no compiler, no writable cache): the torch
+    reference then computes the same numbers, several times slower."""
+    if use_reference():
+        return False
     from torch.utils.cpp_extension import load as build
 
     src = Path(__file__).with_name("csrc") / "sink_attention_cpu.cpp"
     tag = torch.__version__.replace("+", "_").replace(".", "_")
-    logger.info("streaming-sink: loading the CPU attention kernel (the first build takes ~1 min)")
-    build(name=f"streaming_sink_cpu_{tag}", sources=[str(src)], is_python_module=False,
-          extra_cflags=["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp"], extra_ldflags=["-fopenmp"])
+    try:
+        build(name=f"streaming_sink_cpu_{tag}", sources=[str(src)], is_python_module=False,
+              extra_cflags=["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp"],
+              extra_ldflags=["-fopenmp"])
+    except Exception as e:  # noqa: BLE001 (a build failure has many types; all mean the same here)
+        logger.warning("streaming-sink: the CPU attention kernel could not be built (%s: %s); using the "
+                       "torch reference instead (same results, several times slower). A C++ compiler "
+                       "(g++) and a writable $TORCH_EXTENSIONS_DIR are needed.", type(e).__name__, e)
+        return False
+    return True
 
 
 _tables: dict[tuple, tuple[RotaryParams, torch.Tensor]] = {}
@@ -92,16 +104,9 @@ def paged_attention_cpu(
         raise ValueError(f"policy block size {policy.block_size} != cache block size {bs}")
     if out is None:
         out = torch.empty_like(q)
-    if use_reference():
-        from .reference_attention import paged_attention_ref
-
-        if seq_ids is not None:
-            raise ValueError(f"{KERNEL_ENV}=reference computes whole batches only")
-        if table_rows is not None:
-            block_table = block_table[table_rows.long()]
-        return paged_attention_ref(q, k_cache, v_cache, block_table, query_start_loc, seq_lens, scale,
-                                   policy, rope, sinks, sliding_window, out)
-    load()
+    if use_reference() or not load():
+        return _reference(q, k_cache, v_cache, block_table, query_start_loc, seq_lens, scale, policy, rope,
+                          sinks, sliding_window, out, seq_ids, table_rows)
     # The kernel reads q/out in the cache's dtype or float32; anything else goes via float32.
     direct = q.dtype in (torch.float32, k_cache.dtype) and out.dtype == q.dtype and out.is_contiguous()
     qk = q.contiguous() if direct else q.float().contiguous()
@@ -121,6 +126,27 @@ def paged_attention_cpu(
         None if seq_ids is None else seq_ids.long())
     if not direct:
         out.copy_(ok)
+    return out
+
+
+def _reference(q, k_cache, v_cache, block_table, query_start_loc, seq_lens, scale, policy, rope, sinks,
+               sliding_window, out, seq_ids, table_rows):
+    from .reference_attention import paged_attention_ref
+
+    if table_rows is not None:
+        block_table = block_table[table_rows.long()]
+    if seq_ids is None:
+        return paged_attention_ref(q, k_cache, v_cache, block_table, query_start_loc, seq_lens, scale,
+                                   policy, rope, sinks, sliding_window, out)
+    # Only these sequences' rows change; the reference computes whole batches.
+    qsl = query_start_loc.tolist()
+    ids = seq_ids.tolist()
+    rows = torch.cat([torch.arange(qsl[i], qsl[i + 1]) for i in ids]) if ids else torch.zeros(0, dtype=torch.long)
+    sub_qsl = torch.zeros(len(ids) + 1, dtype=torch.long)
+    sub_qsl[1:] = torch.tensor([qsl[i + 1] - qsl[i] for i in ids], dtype=torch.long).cumsum(0)
+    part = paged_attention_ref(q[rows], k_cache, v_cache, block_table[seq_ids.long()], sub_qsl,
+                               seq_lens[seq_ids.long()], scale, policy, rope, sinks, sliding_window)
+    out[rows] = part.to(out.dtype)
     return out
 
 

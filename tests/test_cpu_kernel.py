@@ -136,8 +136,36 @@ def test_reference_can_be_forced(monkeypatch):
     case = dict(c=Contract(4, 16, 2), seqs=[(120, 5)], hkv=1, group=2, D=32, rot=32, neox=False,
                 base=100.0, learned=False, sw=None, seed=2)
     pc = build_paged_case(case)
+    from streaming_sink import cpu_attention
+
     monkeypatch.setenv("STREAMING_SINK_CPU_KERNEL", "reference")
-    torch.testing.assert_close(run_kernel(case, pc), run_ref(case, pc))
-    monkeypatch.setenv("STREAMING_SINK_CPU_KERNEL", "fast")
-    with pytest.raises(ValueError, match="STREAMING_SINK_CPU_KERNEL"):
-        run_kernel(case, pc)
+    cpu_attention.load.cache_clear()
+    try:
+        assert cpu_attention.load() is False
+        torch.testing.assert_close(run_kernel(case, pc), run_ref(case, pc))
+        monkeypatch.setenv("STREAMING_SINK_CPU_KERNEL", "fast")
+        with pytest.raises(ValueError, match="STREAMING_SINK_CPU_KERNEL"):
+            run_kernel(case, pc)
+    finally:
+        monkeypatch.delenv("STREAMING_SINK_CPU_KERNEL")
+        cpu_attention.load.cache_clear()
+    assert cpu_attention.load() is True
+
+
+def test_reference_fallback_keeps_other_rows():
+    """The fallback path (no compiler here) honours seq_ids and table_rows like the kernel."""
+    from streaming_sink import cpu_attention
+
+    case = dict(c=Contract(4, 8, 3), seqs=[(60, 1), (90, 9), (30, 30)], hkv=1, group=2, D=32, rot=32,
+                neox=True, base=10000.0, learned=True, sw=None, seed=4)
+    pc = build_paged_case(case)
+    ids = torch.tensor([0, 2])
+    want = torch.full_like(pc["q"], 7.0)
+    run_kernel(case, pc, out=want, seq_ids=ids)
+    got = torch.full_like(pc["q"], 7.0)
+    c = case["c"]
+    cpu_attention._reference(pc["q"], pc["k_cache"], pc["v_cache"], pc["table"], pc["qsl"].long(), pc["seq_lens"],
+                             case["D"] ** -0.5, SinkPolicy(c.sink_tokens, c.window_blocks * c.block_size, c.block_size),
+                             RotaryParams(pc["inv32"], case["rot"], case["neox"]), pc["sinks"], None, got, ids, None)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert (got[pc["qsl"][1]:pc["qsl"][2]] == 7.0).all()
