@@ -1,0 +1,495 @@
+"""The flag tax on SGLang: what ``kv_policy="streaming-sink"`` costs next to stock SGLang.
+
+The SGLang twin of benchmarks/bench_flag_tax.py (same table idea and output), run in
+``.venv-sglang``. Every engine is ``sglang.Engine(..., device="cpu",
+attention_backend="torch_native")`` in this one process (each with its own scheduler and
+detokenizer subprocesses), started once and kept up for the whole run; within a case the runs
+alternate A B A B ... so machine noise hits both alike. Stock = this package installed but
+``kv_policy`` left at "none", which is exactly stock SGLang (tests/sglang/test_sglang_stock.py).
+Every figure is the median of ``--repeats`` runs and comes twice: tokens per CPU-second and wall
+tokens/s, with policy / stock ratios of both.
+
+| case | A (policy on) | B | what |
+|---|---|---|---|
+| 1 | W=2048 | stock | decode, batch 1, 200-token prompts, 256 new (dense regime: same outputs) |
+| 2 | W=2048 | stock | the same, batch 8 |
+| 3 | W=2048 | stock | prefill of 8 x 200-token prompts (max_new_tokens 1; the whole call is timed) |
+| 4 | W=1024 | stock | batch 8 past the window: the policy after 2*W-token prompts (``--past-mult``) vs |
+|   |        |       | stock holding the same live KV (S+W-token prompts), 128 new each (``--past-new``); |
+|   |        |       | a second row gives the prefill phase of the same runs (2*W-token prompts, |
+|   |        |       | streaming past S+W, vs S+W-token dense ones: tokens/s of unlike work, for scale) |
+
+Sizes: the vLLM table's, cut to what 2 shared cores afford with two or three engines up: batch 8
+(the issue's SGLang row used 8 streams; vLLM's table 16), case 4's prompts 2*W (vLLM's 4*W).
+``--tiny`` (CI-sized: the tiny random Llama of tests/tiny_models.py, 4096 positions, fp32 weights
+run in ``--dtype``): 50-token prompts, 256 new, dense W=512, case 4 at W=256 (512-token prompts,
+128 new).
+
+Timing. Decode runs stream (``generate(..., stream=True)``: one chunk per new token per request)
+and are timed from the moment every request of the batch has its first token (prefill, and the
+steps where some requests still prefill, excluded) to the last token; decode tokens = tokens
+produced after that moment. (The moment is when this process sees the last first token, so a
+decode step the scheduler ran meanwhile is counted in: at most one token per request.) Streaming
+rather than "generate(N) - generate(1)": no second prefill, no difference of two noisy figures.
+Prefill (case 3) is one non-streamed ``generate`` with ``max_new_tokens`` 1, tokens = prompt
+tokens. CPU time: the model runs in SGLang's scheduler subprocess, so ``time.process_time()`` of
+this process is not enough: CPU seconds (user + system, psutil) of this process and all its
+descendants (every engine's scheduler and detokenizer) are summed before/after each timed phase.
+The engines not being measured sleep while idle (``sleep_on_idle=True`` on every engine: SGLang's
+idle scheduler otherwise spins a core at 100%, which on 2 cores would starve the measured one);
+their CPU seconds during each run are kept in the JSON (``other_engines_cpu``) and a note is
+printed if they ever exceed 2% of a run's (runs of at least 1 CPU-s).
+
+Engines (only those the chosen ``--cases`` need; engines are keyed by window, so
+``--dense-window`` equal to the window shares one): stock, and the policy (S = ``--sink-tokens``)
+at W = 2048 (cases 1-3) and 1024 (case 4). Every engine: same ``--dtype``, ``max_total_tokens``
+(the largest batch * (prompt + new) of the chosen runs + 1024), ``chunked_prefill_size`` 2048
+(case 3 is one prefill step; 1024 with --tiny), ``max_running_requests`` 16, ``random_seed`` 0,
+radix cache off (the policy turns it off; stock would otherwise hit its cache on repeated prompts
+only on one side), temperature 0, ``ignore_eos``; prompts are seeded random token ids, the same
+for A and B of one repeat (B's shorter ones are prefixes). The policy also gets ``context_length``
+max(model context, longest request). The policy turns SGLang's overlap schedule off; stock keeps
+whatever SGLang resolves (printed at startup); ``--stock-disable-overlap`` turns it off there too.
+Each engine serves one untimed warm-up request first. Dense cases compare the greedy tokens of
+repeat 0 (same tokens column). A run where SGLang retracted a request (KV pool too small) is
+flagged. No live-KV column: the plugin's per-step trace (``SGLANG_SINK_TRACE``) is file I/O on
+the policy side only, so it stays off here (tests/sglang/test_sglang_engine.py checks the bound).
+
+Env before sglang is imported (as tests/sglang/conftest.py): SGLANG_USE_CPU_ENGINE=1,
+HF_HUB_OFFLINE=1, TRANSFORMERS_OFFLINE=1, OMP_NUM_THREADS=1 (setdefault), and
+tests/sglang/cpu_support (the CPU stand-in for the CUDA-only ``sgl_kernel``) first on sys.path
+and PYTHONPATH. Printed at the start: threads, versions, dtype, model; per engine its resolved
+settings and its subprocesses (pid, name, threads).
+
+Runtime on the 2-core machine (SmolLM2-135M bf16, 2026-12-01, shared with another benchmark;
+engines 12-30 s each with warm caches; KV pools of 0.1-0.4 GiB in bf16): ``--cases 1,2 --repeats 1``
+2.5 min (runs 90 s); ``--cases 4 --repeats 1`` 6 min (runs 310 s, of which the policy's prefill of
+8 x 2048 tokens past the window ~200 s wall: ~110 prompt tok/CPU-s vs stock's dense ~600). The
+default (all cases, --repeats 3, three engines) is therefore ~20-25 min, case 4 ~15 of it.
+``--tiny --repeats 1``: ~1 min, nearly all engine startup (its sub-second runs are smoke, not
+figures: psutil's CPU times tick at 10 ms). At exit, SGLang's shutdown kills every child of
+this process, multiprocessing's resource tracker included, which then prints a harmless
+``resource_tracker ... KeyError`` traceback.
+
+    .venv-sglang/bin/python benchmarks/bench_flag_tax_sglang.py                     # SmolLM2 bf16
+    .venv-sglang/bin/python benchmarks/bench_flag_tax_sglang.py --tiny --repeats 1  # CI-sized smoke run
+    .venv-sglang/bin/python benchmarks/bench_flag_tax_sglang.py --cases 1,2 --dtype float32 --json out.json
+
+The model: the SmolLM2 folder prepared by ``.venv/bin/streaming-sink-prepare model --dtype
+bfloat16`` (or float32), under ~/.cache/streaming-sink/models/; ``--model`` for another one.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+CPU_SUPPORT = os.path.join(ROOT, "tests", "sglang", "cpu_support")
+
+# Before torch / sglang are imported (this module is also imported by SGLang's spawned
+# subprocesses: every line up to main() must be cheap and idempotent).
+for _k, _v in dict(SGLANG_USE_CPU_ENGINE="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+                   OMP_NUM_THREADS="1").items():
+    os.environ.setdefault(_k, _v)
+if sys.path[0] != CPU_SUPPORT:
+    sys.path.insert(0, CPU_SUPPORT)
+_pp = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+if not _pp or _pp[0] != CPU_SUPPORT:
+    os.environ["PYTHONPATH"] = os.pathsep.join([CPU_SUPPORT, *[p for p in _pp if p != CPU_SUPPORT]])
+
+import argparse  # noqa: E402
+import dataclasses  # noqa: E402
+import json  # noqa: E402
+import statistics  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+
+STOCK = 0  # engine key of stock SGLang; policy engines are keyed by their window
+
+
+@dataclasses.dataclass(frozen=True)
+class Sizes:
+    short_prompt: int  # cases 1-3
+    dense_new: int  # cases 1-2
+    batch: int  # cases 2, 3, 4
+    dense_window: int  # cases 1-3
+    window: int  # case 4
+    past_mult: int  # case 4: the policy's prompt is past_mult * window
+    past_new: int
+    chunk: int  # chunked_prefill_size (every engine)
+
+
+FULL = Sizes(short_prompt=200, dense_new=256, batch=8, dense_window=2048, window=1024, past_mult=2,
+             past_new=128, chunk=2048)
+TINY = Sizes(short_prompt=50, dense_new=256, batch=8, dense_window=512, window=256, past_mult=2,
+             past_new=128, chunk=1024)
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    engine: int  # STOCK or a policy window
+    batch: int
+    prompt: int
+    new: int
+    measure: str = "decode"  # or "prefill" (max_new_tokens 1, the whole call)
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+    label: str
+    a: str  # run names of the case
+    b: str
+    same_outputs: bool = False  # dense regime on both sides: greedy tokens must match
+    measure: str = ""  # the runs' own measure unless given (case 4 also shows its prefill phase)
+
+
+def engine_name(key: int) -> str:
+    return "stock" if key == STOCK else f"sink W={key}"
+
+
+def build_cases(z: Sizes, sinks: int) -> dict[str, tuple[dict[str, Run], list[Row]]]:
+    dw, w = z.dense_window, z.window
+    dense1 = Run(dw, 1, z.short_prompt, z.dense_new)
+    dense_b = dataclasses.replace(dense1, batch=z.batch)
+    pre = Run(dw, z.batch, z.short_prompt, 1, "prefill")
+    past = {"sink": Run(w, z.batch, z.past_mult * w, z.past_new),
+            "stock": Run(STOCK, z.batch, sinks + w, z.past_new)}
+    return {
+        "1": ({"sink": dense1, "stock": dataclasses.replace(dense1, engine=STOCK)},
+              [Row(f"b=1, {z.short_prompt}+{z.dense_new} tokens, dense (W={dw})", "sink", "stock", True)]),
+        "2": ({"sink": dense_b, "stock": dataclasses.replace(dense_b, engine=STOCK)},
+              [Row(f"b={z.batch}, {z.short_prompt}+{z.dense_new} tokens, dense (W={dw})", "sink", "stock",
+                   True)]),
+        "3": ({"sink": pre, "stock": dataclasses.replace(pre, engine=STOCK)},
+              [Row(f"{z.batch} x {z.short_prompt} tokens (W={dw})", "sink", "stock")]),
+        "4": (past, [Row(f"b={z.batch} past the window: sink W={w} at {z.past_mult * w}-token prompts vs "
+                         f"stock at {sinks + w} (same live KV), {z.past_new} new", "sink", "stock"),
+                     Row(f"the same runs' prefill phase: {z.batch} x {z.past_mult * w} tokens (streaming past "
+                         f"S+W) vs {z.batch} x {sinks + w} (dense); not the same work per token", "sink", "stock",
+                         measure="prefill")]),
+    }
+
+
+# ---- CPU seconds of this process tree ----------------------------------------------------------
+
+class CpuClock:
+    """CPU seconds (user + system) of this process and every descendant, per pid."""
+
+    def __init__(self):
+        import psutil
+
+        self.psutil = psutil
+        self.me = psutil.Process()
+
+    def procs(self) -> list:
+        return [self.me, *self.me.children(recursive=True)]
+
+    def snapshot(self) -> dict[int, float]:
+        out = {}
+        for p in self.procs():
+            try:
+                t = p.cpu_times()
+                out[p.pid] = t.user + t.system
+            except (self.psutil.NoSuchProcess, self.psutil.AccessDenied):
+                pass
+        return out
+
+
+def cpu_split(c0: dict[int, float], c1: dict[int, float], own: set[int]) -> tuple[float, float]:
+    """(all CPU seconds between the snapshots, the part of processes outside ``own``)."""
+    total = other = 0.0
+    for pid, t in c1.items():
+        d = t - c0.get(pid, 0.0)
+        total += d
+        if pid not in own:
+            other += d
+    return total, other
+
+
+# ---- driving one engine -------------------------------------------------------------------------
+
+def random_prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    # Ids in [3, vocab - 1): SGLang treats the last id specially in places (tests/sglang/sglang_helpers).
+    return torch.randint(3, min(vocab - 1, 32000), (n, length), generator=g).tolist()
+
+
+def run_decode(engine, clock: CpuClock, own: set[int], spec: Run, prompts: list[list[int]]) -> dict:
+    sp = {"max_new_tokens": spec.new, "temperature": 0, "ignore_eos": True}
+    n = len(prompts)
+    counts, outputs, retractions, prompt_tokens = [0] * n, [None] * n, [0] * n, [0] * n
+    start = None  # (wall, cpu snapshot, tokens so far) when every request has its first token
+    c0, w0 = clock.snapshot(), time.perf_counter()
+    for chunk in engine.generate(input_ids=prompts, sampling_params=sp, stream=True):
+        i = chunk.get("index", 0)
+        meta = chunk["meta_info"]
+        counts[i] = meta["completion_tokens"]
+        if start is None and all(counts):
+            start = (time.perf_counter(), clock.snapshot(), sum(counts))
+        if meta.get("finish_reason") is not None:
+            outputs[i] = list(chunk["output_ids"])
+            retractions[i] = meta.get("num_retractions", 0) or 0
+            prompt_tokens[i] = meta.get("prompt_tokens", 0)
+    w1, c1 = time.perf_counter(), clock.snapshot()
+    assert start is not None and all(o is not None for o in outputs), "a request ended without output"
+    assert sum(counts) == spec.new * n and all(len(o) == spec.new for o in outputs), (counts, spec)
+    assert all(p == spec.prompt for p in prompt_tokens), (prompt_tokens, spec)  # nothing truncated
+    ws, cs, tokens_at_start = start
+    pre_cpu, pre_other = cpu_split(c0, cs, own)
+    dec_cpu, dec_other = cpu_split(cs, c1, own)
+    return dict(prefill_wall=ws - w0, prefill_cpu=pre_cpu, prefill_tokens=spec.prompt * n,
+                decode_wall=w1 - ws, decode_cpu=dec_cpu, decode_tokens=spec.new * n - tokens_at_start,
+                other_engines_cpu=dec_other, retractions=max(retractions), outputs=outputs)
+
+
+def run_prefill(engine, clock: CpuClock, own: set[int], spec: Run, prompts: list[list[int]]) -> dict:
+    sp = {"max_new_tokens": 1, "temperature": 0, "ignore_eos": True}
+    c0, w0 = clock.snapshot(), time.perf_counter()
+    outs = engine.generate(input_ids=prompts, sampling_params=sp)
+    w1, c1 = time.perf_counter(), clock.snapshot()
+    assert all(o["meta_info"]["prompt_tokens"] == spec.prompt for o in outs), spec
+    cpu, other = cpu_split(c0, c1, own)
+    return dict(prefill_wall=w1 - w0, prefill_cpu=cpu, prefill_tokens=spec.prompt * len(prompts),
+                other_engines_cpu=other,
+                retractions=max(o["meta_info"].get("num_retractions", 0) or 0 for o in outs),
+                outputs=[list(o["output_ids"]) for o in outs])
+
+
+# ---- the table ----------------------------------------------------------------------------------
+
+def rate(r: dict, measure: str, clock: str) -> float:
+    return r[f"{measure}_tokens"] / r[f"{measure}_{clock}"]
+
+
+def med(xs) -> float:
+    return statistics.median(xs)
+
+
+def fmt(x: float) -> str:
+    return f"{x:.1f}" if x < 1000 else f"{x:.0f}"
+
+
+def shutdown_all(engines: dict) -> None:
+    """SGLang's ``Engine.shutdown`` kills every child of this process, the other engines'
+    subprocesses too, and each engine's subprocess watchdog answers a dead child with SIGKILL
+    of this process: stop every watchdog first, then shut the engines down."""
+    for eng in engines.values():
+        watchdog = getattr(getattr(eng, "tokenizer_manager", None), "_subprocess_watchdog", None)
+        if watchdog is not None:
+            watchdog.stop()
+    for key, eng in reversed(list(engines.items())):
+        try:
+            eng.shutdown()
+        except Exception as e:  # report, keep shutting the others down
+            print(f"shutdown of {engine_name(key)} failed: {e!r}", file=sys.stderr)
+
+
+SHOWN = ("attention_backend", "disable_radix_cache", "disable_overlap_schedule", "chunked_prefill_size",
+         "max_total_num_tokens", "max_running_requests", "context_length", "sleep_on_idle", "dtype")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", help="HF folder (default: the prepared SmolLM2-135M-Instruct folder of --dtype)")
+    ap.add_argument("--tiny", action="store_true",
+                    help="tiny random Llama (4096 positions), shorter windows and prompts: CI-sized")
+    ap.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
+    ap.add_argument("--sink-tokens", type=int, default=4)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--dense-window", type=int, help="cases 1-3: the policy's window (default 2048; 512 "
+                                                     "with --tiny); every request stays below S + W")
+    ap.add_argument("--past-mult", type=int, help="case 4: the policy's prompts are this many windows long "
+                                                  "(default 2)")
+    ap.add_argument("--past-new", type=int, help="case 4: new tokens per request (default 128)")
+    ap.add_argument("--stock-disable-overlap", action="store_true",
+                    help="stock with disable_overlap_schedule=True too (the policy always turns it off)")
+    ap.add_argument("--cases", default="1,2,3,4", help="comma-separated subset of 1-4")
+    ap.add_argument("--json", help="write every raw figure here")
+    args = ap.parse_args()
+
+    z = TINY if args.tiny else FULL
+    if args.dense_window is not None:
+        z = dataclasses.replace(z, dense_window=args.dense_window)
+    if args.past_mult is not None:
+        if args.past_mult < 2:
+            ap.error("--past-mult must be >= 2 (the prompt must reach past sinks + window)")
+        z = dataclasses.replace(z, past_mult=args.past_mult)
+    if args.past_new is not None:
+        z = dataclasses.replace(z, past_new=args.past_new)
+    if z.short_prompt + z.dense_new >= args.sink_tokens + z.dense_window:
+        ap.error(f"--dense-window {z.dense_window}: cases 1-3 must stay below S + W "
+                 f"({z.short_prompt + z.dense_new} tokens a request)")
+    chosen = [c.strip() for c in args.cases.split(",") if c.strip()]
+    cases = build_cases(z, args.sink_tokens)
+    if bad := [c for c in chosen if c not in cases]:
+        ap.error(f"--cases: unknown {bad} (known: {', '.join(cases)})")
+    cases = {c: cases[c] for c in chosen}
+    keys = sorted({r.engine for runs, _ in cases.values() for r in runs.values()}, key=lambda k: (k != STOCK, k))
+
+    if args.model:
+        model = args.model
+    elif args.tiny:
+        sys.path.insert(1, os.path.join(ROOT, "tests"))
+        from tiny_models import build_tiny_llama
+
+        model = build_tiny_llama(os.path.join(tempfile.mkdtemp(), "tiny4k"), max_position_embeddings=4096)
+    else:
+        from streaming_sink.prepare import AssetError, default_model_path
+
+        try:
+            model = default_model_path(prepare=False, dtype=args.dtype)
+        except AssetError as e:
+            sys.exit(f"{e}\n(from the vLLM venv: .venv/bin/streaming-sink-prepare model --dtype {args.dtype})")
+
+    import psutil
+    import torch
+    from tqdm import tqdm
+
+    import sglang
+
+    cfg = json.load(open(os.path.join(model, "config.json")))
+    context, vocab = cfg["max_position_embeddings"], cfg["vocab_size"]
+    all_runs = [r for runs, _ in cases.values() for r in runs.values()]
+    longest = max(r.prompt + r.new for r in all_runs)
+    stock_longest = max((r.prompt + r.new for r in all_runs if r.engine == STOCK), default=0)
+    if stock_longest > context:
+        sys.exit(f"stock runs need {stock_longest} tokens, the model's context is {context}")
+    pool = max(r.batch * (r.prompt + r.new) for r in all_runs) + 1024
+
+    settings = dict(
+        OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS"),
+        SGLANG_CPU_OMP_THREADS_BIND=os.environ.get("SGLANG_CPU_OMP_THREADS_BIND"),
+        SGLANG_USE_CPU_ENGINE=os.environ.get("SGLANG_USE_CPU_ENGINE"),
+        torch_threads=torch.get_num_threads(), cpus=os.cpu_count(), sglang=sglang.__version__,
+        torch=torch.__version__, psutil=psutil.__version__, dtype=args.dtype, model=model, context=context,
+        sink_tokens=args.sink_tokens, max_total_tokens=pool, chunked_prefill_size=z.chunk,
+        repeats=args.repeats, cases=chosen, load_avg_start=os.getloadavg(),
+        mem_available_gib=round(psutil.virtual_memory().available / 2**30, 1))
+    print("flag tax (SGLang): " + ", ".join(f"{k}={v}" for k, v in settings.items()), flush=True)
+
+    common = dict(model_path=model, device="cpu", attention_backend="torch_native", dtype=args.dtype,
+                  random_seed=0, log_level="error", max_total_tokens=pool, chunked_prefill_size=z.chunk,
+                  max_running_requests=max(16, z.batch), disable_radix_cache=True, sleep_on_idle=True)
+    clock = CpuClock()
+    engines: dict[int, object] = {}
+    own: dict[int, set[int]] = {}  # this process + the engine's own subprocesses
+    startup: dict[str, float] = {}
+    resolved: dict[str, dict] = {}
+    t_all = time.perf_counter()
+    try:
+        for key in keys:
+            before = {p.pid for p in clock.procs()}
+            t0 = time.perf_counter()
+            print(f"== starting {engine_name(key)} ...", flush=True)
+            if key == STOCK:
+                kw = dict(common)
+                if args.stock_disable_overlap:
+                    kw["disable_overlap_schedule"] = True
+            else:
+                kw = dict(common, kv_policy="streaming-sink", sink_tokens=args.sink_tokens, sink_window=key,
+                          context_length=max(context, longest + 16))
+            engines[key] = sglang.Engine(**kw)
+            name = engine_name(key)
+            startup[name] = time.perf_counter() - t0
+            new = [p for p in clock.procs() if p.pid not in before]
+            own[key] = {clock.me.pid, *(p.pid for p in new)}
+            info = engines[key].get_server_info()
+            resolved[name] = {k: info.get(k) for k in SHOWN}
+            procs = ", ".join(f"{p.pid} {p.name()} ({p.num_threads()} threads, "
+                              f"{p.memory_info().rss / 2**30:.2f} GiB)" for p in new)
+            print(f"== {name} up in {startup[name]:.0f} s: "
+                  + ", ".join(f"{k}={v}" for k, v in resolved[name].items()) + f"; subprocesses: {procs}",
+                  flush=True)
+            # untimed warm-up: first-call costs (allocations, lazy tables) stay out of the runs
+            engines[key].generate(input_ids=random_prompts(2, 32, vocab, seed=7),
+                                  sampling_params={"max_new_tokens": 8, "temperature": 0, "ignore_eos": True})
+        settings["torch_threads_after_startup"] = torch.get_num_threads()
+
+        raw: dict[str, dict[str, list[dict]]] = {c: {name: [] for name in runs} for c, (runs, _) in cases.items()}
+        total = sum(len(runs) for runs, _ in cases.values()) * args.repeats
+        t_runs = time.perf_counter()
+        with tqdm(total=total, desc="runs", file=sys.stderr) as bar:
+            for c, (runs, _) in cases.items():
+                for rep in range(args.repeats):
+                    for name, spec in runs.items():  # A B A B ...
+                        bar.set_postfix_str(f"case {c} {name} rep {rep}")
+                        prompts = random_prompts(spec.batch, max(r.prompt for r in runs.values()), vocab,
+                                                 seed=1000 * int(c) + rep)
+                        prompts = [p[:spec.prompt] for p in prompts]
+                        fn = run_prefill if spec.measure == "prefill" else run_decode
+                        res = fn(engines[spec.engine], clock, own[spec.engine], spec, prompts)
+                        res["load_avg"] = os.getloadavg()[0]
+                        raw[c][name].append(res)
+                        bar.update()
+        runs_s = time.perf_counter() - t_runs
+        report(args, cases, raw, settings, resolved, startup, runs_s, model, z, t_all)
+    finally:
+        shutdown_all(engines)
+
+
+def report(args, cases, raw, settings, resolved, startup, runs_s, model, z, t_all) -> None:
+    import sglang
+
+    table = []
+    for c, (runs, rows) in cases.items():
+        for row in rows:
+            measure = row.measure or runs[row.a].measure
+            ra, rb = raw[c][row.a], raw[c][row.b]
+            e = dict(case=c, label=row.label, measure=measure, a=engine_name(runs[row.a].engine),
+                     b=engine_name(runs[row.b].engine))
+            for side, rs in (("a", ra), ("b", rb)):
+                e[f"{side}_tok_per_cpu_s"] = med(rate(r, measure, "cpu") for r in rs)
+                e[f"{side}_tok_per_s"] = med(rate(r, measure, "wall") for r in rs)
+                e[f"{side}_cpu_s"] = med(r[f"{measure}_cpu"] for r in rs)
+                e[f"{side}_wall_s"] = med(r[f"{measure}_wall"] for r in rs)
+                e[f"{side}_retractions"] = max(r["retractions"] for r in rs)
+                e[f"{side}_other_engines_cpu_share"] = max(  # below 1 CPU-s it is psutil's 10 ms ticks
+                    (r["other_engines_cpu"] / r[f"{measure}_cpu"] for r in rs if r[f"{measure}_cpu"] >= 1), default=0.0)
+            e["ratio_cpu"] = e["a_tok_per_cpu_s"] / e["b_tok_per_cpu_s"]
+            e["ratio_wall"] = e["a_tok_per_s"] / e["b_tok_per_s"]
+            if row.same_outputs:
+                e["same_outputs"] = sum(x == y for x, y in zip(ra[0]["outputs"], rb[0]["outputs"]))
+                e["requests"] = len(ra[0]["outputs"])
+            table.append(e)
+
+    print(f"\nflag tax (SGLang {sglang.__version__}, CPU, torch_native): {os.path.basename(model.rstrip('/'))} "
+          f"{args.dtype}, S={args.sink_tokens}, OMP_NUM_THREADS={settings['OMP_NUM_THREADS']}, torch threads "
+          f"{settings['torch_threads_after_startup']}, stock overlap schedule "
+          f"{'off' if resolved.get('stock', {}).get('disable_overlap_schedule') else 'on'}; median of "
+          f"{args.repeats}; load avg {settings['load_avg_start'][0]:.1f} -> {os.getloadavg()[0]:.1f}")
+    print("A = policy on, B = stock; ratio = A / B (tok per CPU-s of this process + its subprocesses | "
+          "wall tok/s)\n")
+    print("| case | what | A | B | tok/CPU-s A / B | ratio | wall tok/s A / B | ratio | CPU s A / B | wall s A / B "
+          "| same tokens |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for e in table:
+        same = f"{e['same_outputs']}/{e['requests']}" if "same_outputs" in e else ""
+        print(f"| {e['case']} | {e['measure']}: {e['label']} | {e['a']} | {e['b']} "
+              f"| {fmt(e['a_tok_per_cpu_s'])} / {fmt(e['b_tok_per_cpu_s'])} | {e['ratio_cpu']:.2f} "
+              f"| {fmt(e['a_tok_per_s'])} / {fmt(e['b_tok_per_s'])} | {e['ratio_wall']:.2f} "
+              f"| {e['a_cpu_s']:.3g} / {e['b_cpu_s']:.3g} | {e['a_wall_s']:.3g} / {e['b_wall_s']:.3g} | {same} |")
+    if any(e["a_retractions"] or e["b_retractions"] for e in table):
+        print("WARNING: SGLang retracted some requests (KV pool too small)")
+    if (share := max(max(e["a_other_engines_cpu_share"], e["b_other_engines_cpu_share"]) for e in table)) > 0.02:
+        print(f"NOTE: idle engines used up to {100 * share:.1f}% of a run's CPU seconds")
+    print(f"\nengine startup: " + ", ".join(f"{k} {v:.0f} s" for k, v in startup.items())
+          + f"; runs {runs_s:.0f} s; total {time.perf_counter() - t_all:.0f} s")
+
+    if args.json:
+        for c in raw.values():
+            for rs in c.values():
+                for r in rs:
+                    r.pop("outputs", None)
+        json.dump(dict(settings=settings, sizes=dataclasses.asdict(z), startup_s=startup, resolved=resolved,
+                       runs_s=runs_s,
+                       cases={c: {n: dataclasses.asdict(s) for n, s in runs.items()} for c, (runs, _) in cases.items()},
+                       rows=table, raw=raw), open(args.json, "w"), indent=1)
+        print(f"raw figures: {args.json}")
+
+
+if __name__ == "__main__":
+    main()
