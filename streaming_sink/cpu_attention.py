@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from .policy import SinkPolicy
+from .reference_attention import check_args
 from .rope import RotaryParams
 
 KERNEL_ENV = "STREAMING_SINK_CPU_KERNEL"
@@ -97,11 +98,7 @@ def paged_attention_cpu(
     table_rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The contract for every query row of ``q`` (of ``seq_ids``' rows only, if given)."""
-    if policy is not None and rope is None:
-        raise ValueError("the streaming policy needs the layer's RotaryParams")
-    bs = k_cache.shape[1]
-    if policy is not None and policy.block_size != bs:
-        raise ValueError(f"policy block size {policy.block_size} != cache block size {bs}")
+    check_args(k_cache, policy, rope)
     if out is None:
         out = torch.empty_like(q)
     if use_reference() or not load():
@@ -131,7 +128,7 @@ def paged_attention_cpu(
 
 def _reference(q, k_cache, v_cache, block_table, query_start_loc, seq_lens, scale, policy, rope, sinks,
                sliding_window, out, seq_ids, table_rows):
-    from .reference_attention import paged_attention_ref
+    from .reference_attention import paged_attention_ref  # noqa: PLC0415 (only on the fallback)
 
     if table_rows is not None:
         block_table = block_table[table_rows.long()]

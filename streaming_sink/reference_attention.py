@@ -45,11 +45,8 @@ def paged_attention_ref(
     ``sliding_window`` is the *layer's own* window (keys with ``t - k < sw``);
     under the policy such a layer sees no sink tokens, only its short window.
     """
-    if policy is not None and rope is None:
-        raise ValueError("the streaming policy needs the layer's RotaryParams")
+    check_args(k_cache, policy, rope)
     bs = k_cache.shape[1]
-    if policy is not None and policy.block_size != bs:
-        raise ValueError(f"policy block size {policy.block_size} != cache block size {bs}")
     if out is None:
         out = torch.empty_like(q)
     qsl = query_start_loc.tolist()
@@ -69,6 +66,14 @@ def paged_attention_ref(
             out[rows] = _block_group(q[rows], t_all[sel], j, k_cache, v_cache, block_table[i], scale,
                                      sinks, sliding_window).to(out.dtype)
     return out
+
+
+def check_args(k_cache: torch.Tensor, policy: SinkPolicy | None, rope: RotaryParams | None) -> None:
+    """What every implementation of this API (reference, CPU kernel, Triton) refuses."""
+    if policy is not None and rope is None:
+        raise ValueError("the streaming policy needs the layer's RotaryParams")
+    if policy is not None and policy.block_size != k_cache.shape[1]:
+        raise ValueError(f"policy block size {policy.block_size} != cache block size {k_cache.shape[1]}")
 
 
 def _block_group(q, t, j, k_cache, v_cache, table, scale, sinks, sliding_window):

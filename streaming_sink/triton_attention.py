@@ -52,6 +52,7 @@ import weakref
 import torch
 
 from .policy import SinkPolicy
+from .reference_attention import check_args
 from .rope import RotaryParams
 
 try:
@@ -384,12 +385,9 @@ def paged_attention(
     (default: from the GPU size). Rows of ``out`` past ``query_start_loc[-1]``
     are left unspecified, as in the reference.
     """
-    if policy is not None and rope is None:
-        raise ValueError("the streaming policy needs the layer's RotaryParams")
+    check_args(k_cache, policy, rope)
     num_tokens, hq, head_d = q.shape
     _, bs, hkv, kd = k_cache.shape
-    if policy is not None and policy.block_size != bs:
-        raise ValueError(f"policy block size {policy.block_size} != cache block size {bs}")
     if v_cache.shape != k_cache.shape or kd != head_d or hq % hkv:
         raise ValueError(f"unsupported shapes q {tuple(q.shape)}, k {tuple(k_cache.shape)}, "
                          f"v {tuple(v_cache.shape)}")

@@ -271,13 +271,15 @@ def build_paged_case(case):
                 inv32=inv32, inv64=inv64, sinks=sinks)
 
 
-def run_ref(case, pc, **overrides):
+def run_ref(case, pc, fn=paged_attention_ref, q=None, k_cache=None, v_cache=None, **overrides):
+    """``fn`` (the reference, or a kernel of the same API) on the case; q / caches / keywords overridable."""
     c = case["c"]
     policy = None if c.off else SinkPolicy(c.sink_tokens, c.window_blocks * c.block_size, c.block_size)
     rope_p = RotaryParams(pc["inv32"], case["rot"], case["neox"])
     kw = dict(scale=case["D"] ** -0.5, policy=policy, rope=rope_p, sinks=pc["sinks"], sliding_window=case["sw"])
     kw.update(overrides)
-    return paged_attention_ref(pc["q"], pc["k_cache"], pc["v_cache"], pc["table"], pc["qsl"], pc["seq_lens"], **kw)
+    return fn(pc["q"] if q is None else q, pc["k_cache"] if k_cache is None else k_cache,
+              pc["v_cache"] if v_cache is None else v_cache, pc["table"], pc["qsl"], pc["seq_lens"], **kw)
 
 
 def run_oracle(case, pc):

@@ -27,15 +27,8 @@ PROPS = settings(max_examples=120, deadline=None,
                  suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 
-def run_kernel(case, pc, k_cache=None, v_cache=None, q=None, **overrides):
-    c = case["c"]
-    policy = None if c.off else SinkPolicy(c.sink_tokens, c.window_blocks * c.block_size, c.block_size)
-    kw = dict(scale=case["D"] ** -0.5, policy=policy, rope=RotaryParams(pc["inv32"], case["rot"], case["neox"]),
-              sinks=pc["sinks"], sliding_window=case["sw"])
-    kw.update(overrides)
-    return paged_attention_cpu(pc["q"] if q is None else q, pc["k_cache"] if k_cache is None else k_cache,
-                               pc["v_cache"] if v_cache is None else v_cache, pc["table"], pc["qsl"],
-                               pc["seq_lens"], **kw)
+def run_kernel(case, pc, **overrides):
+    return run_ref(case, pc, fn=paged_attention_cpu, **overrides)
 
 
 def dim_major(cache: torch.Tensor) -> torch.Tensor:

@@ -35,10 +35,16 @@ def stock(tiny_llama_128) -> dict:
     return json.loads(line[len("RESULT "):])
 
 
-def test_policy_off_is_stock_sglang(tiny_llama_128, stock):
+@pytest.mark.parametrize("kwargs", [
+    dict(policy=False),
+    # Every request of the workload stays below S + W (window 123: the largest the 128-position
+    # rotary table allows), so all rows are dense: torch_native's own SDPA, same numbers.
+    dict(sink_window=123),
+], ids=["policy off", "policy on, below the window"])
+def test_outputs_are_stock_sglang(tiny_llama_128, stock, kwargs):
     import sglang
 
-    engine = sglang.Engine(**engine_args(tiny_llama_128, policy=False))
+    engine = sglang.Engine(**engine_args(tiny_llama_128, **kwargs))
     try:
         ours = workload(engine)
     finally:
@@ -46,17 +52,3 @@ def test_policy_off_is_stock_sglang(tiny_llama_128, stock):
     assert ours["greedy"] == stock["greedy"]
     assert ours["prompt_logprobs"] == stock["prompt_logprobs"]
     assert len(ours["greedy"][2]) == 60 and len(ours["prompt_logprobs"]) == 120
-
-
-def test_policy_on_below_the_window_is_stock_sglang(tiny_llama_128, stock):
-    """Every request of the workload stays below S + W (window 123: the largest the
-    128-position rotary table allows), so all rows are dense: torch_native's own SDPA."""
-    import sglang
-
-    engine = sglang.Engine(**engine_args(tiny_llama_128, sink_window=123))
-    try:
-        ours = workload(engine)
-    finally:
-        engine.shutdown()
-    assert ours["greedy"] == stock["greedy"]
-    assert ours["prompt_logprobs"] == stock["prompt_logprobs"]
