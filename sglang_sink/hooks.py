@@ -129,10 +129,11 @@ def add_flags(parser) -> None:
                        help="KV cache policy. 'streaming-sink' pins the first --sink-tokens "
                             "tokens and keeps a sliding window of recent KV slots.")
     group.add_argument("--sink-tokens", type=int, default=None,
-                       help="Attention-sink tokens kept forever (default 4; 0 = window only).")
+                       help="Tokens kept forever as attention sinks; None (the default) means 4 "
+                            "(0: plain window attention, the baseline that collapses).")
     group.add_argument("--sink-window", type=int, default=None,
-                       help="Recent tokens kept (default: the largest window the model's "
-                            "rotary table allows).")
+                       help="Recent tokens kept; None (the default) means the largest window the "
+                            "model's rotary table allows.")
 
 
 def _add_cli_args(original, parser, *args, **kwargs):

@@ -83,11 +83,13 @@ def add_flags(parser) -> None:
     group.add_argument("--kv-policy", choices=["none", "streaming-sink"], default="none",
                        help="KV cache policy. 'streaming-sink' pins the first --sink-tokens "
                             "tokens and keeps a sliding window of recent KV blocks.")
+    # vLLM's help formatter appends "(default: None)"; the help says what None means.
     group.add_argument("--sink-tokens", type=int, default=None,
-                       help="Attention-sink tokens kept forever (default 4; 0 = window only).")
+                       help="Tokens kept forever as attention sinks; None means 4 "
+                            "(0: plain window attention, the baseline that collapses).")
     group.add_argument("--sink-window", type=int, default=None,
-                       help="Recent tokens kept, a multiple of --block-size (default: the "
-                            "largest window the model's rotary table allows).")
+                       help="Recent tokens kept, a multiple of --block-size; None means the "
+                            "largest window the model's rotary table allows.")
 
 
 def _install_flags() -> None:
@@ -197,8 +199,26 @@ def _create_streaming_config(args, original_create, opts, *a, **kw):
         policy.check_layer_window(layer_window, "the model")
     vllm_config.additional_config[sink_config.KEY] = {
         **opts, "window_tokens": policy.window_tokens, "block_size": block_size}
-    logger.info("%s; max_model_len %d", policy.describe(), vllm_config.model_config.max_model_len)
+    max_model_len = vllm_config.model_config.max_model_len
+    logger.info("%s; max_model_len %d", policy.describe(), max_model_len)
+    _explain_stock_warnings(policy, max_model_len, int(getattr(text_config, "max_position_embeddings", 0) or 0))
     return vllm_config
+
+
+def _explain_stock_warnings(policy: SinkPolicy, max_model_len: int, context: int) -> None:
+    """One line of ours after stock vLLM warnings that do not apply with the policy on."""
+    if context and max_model_len > context:
+        logger.info("streaming-sink: vLLM's warning above that positions past the model's %d-token "
+                    "context 'lead to nan' does not apply, nor does the tokenizer's 'sequence length "
+                    "is longer than the specified maximum' for longer prompts: the policy keeps every "
+                    "RoPE position <= %d, inside the rotary table, however long the stream (up to %d)",
+                    context, policy.max_position, max_model_len)
+    from vllm.platforms import current_platform
+
+    if current_platform.is_cpu():
+        logger.info("streaming-sink: vLLM's CPU build warns that Triton has no CPU backend or is "
+                    "missing (and runs the V1 model runner): harmless, on CPU neither vLLM nor "
+                    "streaming-sink runs Triton kernels")
 
 
 def _has_rope(text_config) -> bool:
