@@ -66,7 +66,6 @@ import argparse
 import dataclasses
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -79,18 +78,20 @@ for k, v in dict(OMP_NUM_THREADS="1", VLLM_CPU_OMP_THREADS_BIND="nobind", HF_HUB
     os.environ.setdefault(k, v)
 
 import torch  # noqa: E402
-from tqdm import tqdm  # noqa: E402
 
 import vllm  # noqa: E402
 import vllm_sink  # noqa: E402,F401  (adds kv_policy / sink_tokens / sink_window to LLM)
 from vllm import LLM, SamplingParams  # noqa: E402
 from vllm.sampling_params import RequestOutputKind  # noqa: E402
 
+# the records, run order, table and JSON shared with bench_flag_tax_sglang.py
+from flag_tax_common import (STOCK, Row, Run, dense_cases, engine_name, print_table, run_all,  # noqa: E402
+                             table_rows, tiny_model, write_json)
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 HF_VENV = os.path.join(ROOT, ".venv-hf")
 HF_PACKAGES = ["torch==2.13.0", "transformers==4.34.0", "tokenizers==0.14.1", "attention-sinks==0.4.0", "einops"]
-STOCK = 0  # engine key of stock vLLM; policy engines are keyed by their window
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,34 +123,8 @@ TINY = Sizes(block=32, short_prompt=50, dense_new=256, batch=16, dense_window=51
              request_new=128, small_window=32, far_mult=64, far_new=256, max_batched=1024)
 
 
-@dataclasses.dataclass(frozen=True)
-class Run:
-    engine: int | str  # STOCK, a policy window, or "hf"
-    batch: int
-    prompt: int
-    new: int
-    measure: str = "decode"  # or "prefill" (max_tokens 1: every step is prefill)
-
-
-@dataclasses.dataclass(frozen=True)
-class Row:
-    label: str
-    a: str  # run names of the case
-    b: str
-    same_outputs: bool = False  # dense regime on both sides: greedy tokens must match
-    a_name: str = ""  # shown instead of the engine's name
-    b_name: str = ""
-
-
-def engine_name(key: int | str) -> str:
-    return {STOCK: "stock", "hf": "HF attention-sinks"}.get(key, f"sink W={key}")
-
-
 def build_cases(z: Sizes, sinks: int, hf: bool) -> dict[str, tuple[dict[str, Run], list[Row]]]:
-    dw, w, bw, sw = z.dense_window, z.window, z.big_window, z.small_window
-    dense1 = Run(dw, 1, z.short_prompt, z.dense_new)
-    dense16 = dataclasses.replace(dense1, batch=z.batch)
-    pre = Run(dw, z.batch, z.short_prompt, 1, "prefill")
+    w, bw, sw = z.window, z.big_window, z.small_window
     long_ = Run(w, 1, z.long_context, z.long_new)
     req = Run(bw, 1, z.request_len - z.request_new, z.request_new)
     past = {"sink": Run(w, z.batch, z.past_mult * w, z.past_new),
@@ -161,13 +136,7 @@ def build_cases(z: Sizes, sinks: int, hf: bool) -> dict[str, tuple[dict[str, Run
         rows5.append(Row(f"b={z.batch} past the window: sink W={w} ({z.past_mult * w}-token prompts) vs "
                          f"HF attention-sinks S={sinks} W={w} ({w + w // 4}-token prompts)", "sink", "hf"))
     return {
-        "1": ({"sink": dense1, "stock": dataclasses.replace(dense1, engine=STOCK)},
-              [Row(f"b=1, {z.short_prompt}+{z.dense_new} tokens, dense (W={dw})", "sink", "stock", True)]),
-        "2": ({"sink": dense16, "stock": dataclasses.replace(dense16, engine=STOCK)},
-              [Row(f"b={z.batch}, {z.short_prompt}+{z.dense_new} tokens, dense (W={dw})", "sink", "stock",
-                   True)]),
-        "3": ({"sink": pre, "stock": dataclasses.replace(pre, engine=STOCK)},
-              [Row(f"{z.batch} x {z.short_prompt} tokens (W={dw})", "sink", "stock")]),
+        **dense_cases(z),
         "4": ({"W": long_, "bigW": dataclasses.replace(long_, engine=bw),
                "stock": dataclasses.replace(long_, engine=STOCK)},
               [Row(f"b=1 at {z.long_context} context, W={w} (streaming)", "W", "stock"),
@@ -182,11 +151,6 @@ def build_cases(z: Sizes, sinks: int, hf: bool) -> dict[str, tuple[dict[str, Run
 
 
 # ---- driving one engine -----------------------------------------------------------------------
-
-def random_prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(3, min(vocab, 32000), (n, length), generator=g).tolist()
-
 
 def scheduler_of(llm: LLM):
     return llm.llm_engine.engine_core.engine_core.scheduler
@@ -296,16 +260,14 @@ class HFWorker:
 
 # ---- the table ---------------------------------------------------------------------------------
 
-def rate(r: dict, measure: str, clock: str) -> float:
-    return r[f"{measure}_tokens"] / r[f"{measure}_{clock}"]
+def side_extra(rs: list[dict], measure: str) -> dict:
+    """vLLM's own figures of one side: most live KV blocks of a request while decoding, preemptions."""
+    return dict(peak_blocks=max(r.get("peak_blocks_decode", -1) for r in rs) if measure == "decode" else -1,
+                preemptions=max(r.get("preemptions", 0) for r in rs))
 
 
-def med(xs) -> float:
-    return statistics.median(xs)
-
-
-def fmt(x: float) -> str:
-    return f"{x:.1f}" if x < 1000 else f"{x:.0f}"
+def live_blocks(e: dict) -> str:
+    return "/".join("-" if e[f"{s}_peak_blocks"] < 0 else str(e[f"{s}_peak_blocks"]) for s in "ab")
 
 
 def main() -> None:
@@ -350,10 +312,7 @@ def main() -> None:
     if args.model:
         model = args.model
     elif args.tiny:
-        sys.path.insert(0, os.path.join(ROOT, "tests"))
-        from tiny_models import build_tiny_llama
-
-        model = build_tiny_llama(os.path.join(tempfile.mkdtemp(), "tiny4k"), max_position_embeddings=4096)
+        model = tiny_model()
     else:
         from streaming_sink.prepare import default_model_path
 
@@ -394,80 +353,28 @@ def main() -> None:
         settings["hf_worker"] = hf.info
         print(f"== HF attention-sinks worker up in {startup['hf']:.0f} s: {hf.info}", flush=True)
 
-    raw: dict[str, dict[str, list[dict]]] = {c: {name: [] for name in runs} for c, (runs, _) in cases.items()}
-    total = sum(len(runs) for runs, _ in cases.values()) * args.repeats
-    t_runs = time.perf_counter()
-    with tqdm(total=total, desc="runs", file=sys.stderr) as bar:
-        for c, (runs, _) in cases.items():
-            for rep in range(args.repeats):
-                for name, spec in runs.items():  # A B (C) A B (C) ...
-                    bar.set_postfix_str(f"case {c} {name} rep {rep}")
-                    prompts = random_prompts(spec.batch, max(r.prompt for r in runs.values()), vocab,
-                                             seed=1000 * int(c) + rep)
-                    prompts = [p[:spec.prompt] for p in prompts]
-                    if spec.engine == "hf":
-                        res = hf.run(spec, prompts)
-                    else:
-                        res = run_vllm(engines[spec.engine], spec, prompts, tag=f"c{c}-{name}-{rep}")
-                    res["load_avg"] = os.getloadavg()[0]
-                    raw[c][name].append(res)
-                    bar.update()
-    runs_s = time.perf_counter() - t_runs
+    def run_one(spec: Run, prompts: list[list[int]], tag: str) -> dict:  # HF takes its turn: A B (C) A B (C) ...
+        return hf.run(spec, prompts) if spec.engine == "hf" else run_vllm(engines[spec.engine], spec, prompts, tag)
+
+    raw, runs_s = run_all(cases, args.repeats, vocab, run_one)
     if hf:
         hf.close()
 
-    table = []
-    for c, (runs, rows) in cases.items():
-        for row in rows:
-            measure = runs[row.a].measure
-            ra, rb = raw[c][row.a], raw[c][row.b]
-            e = dict(case=c, label=row.label, measure=measure, a=row.a_name or engine_name(runs[row.a].engine),
-                     b=row.b_name or engine_name(runs[row.b].engine))
-            for side, rs in (("a", ra), ("b", rb)):
-                e[f"{side}_tok_per_cpu_s"] = med(rate(r, measure, "cpu") for r in rs)
-                e[f"{side}_tok_per_s"] = med(rate(r, measure, "wall") for r in rs)
-                e[f"{side}_cpu_s"] = med(r[f"{measure}_cpu"] for r in rs)
-                e[f"{side}_wall_s"] = med(r[f"{measure}_wall"] for r in rs)
-                e[f"{side}_peak_blocks"] = (max(r.get("peak_blocks_decode", -1) for r in rs)
-                                            if measure == "decode" else -1)
-                e[f"{side}_preemptions"] = max(r.get("preemptions", 0) for r in rs)
-            e["ratio_cpu"] = e["a_tok_per_cpu_s"] / e["b_tok_per_cpu_s"]
-            e["ratio_wall"] = e["a_tok_per_s"] / e["b_tok_per_s"]
-            if row.same_outputs:
-                e["same_outputs"] = sum(x == y for x, y in zip(ra[0]["outputs"], rb[0]["outputs"]))
-                e["requests"] = len(ra[0]["outputs"])
-            table.append(e)
+    table = table_rows(cases, raw, side_extra)
 
     print(f"\nflag tax: {os.path.basename(model.rstrip('/'))} {args.dtype}, block {z.block}, S={args.sink_tokens}, "
           f"OMP_NUM_THREADS={settings['OMP_NUM_THREADS']}, bind={settings['VLLM_CPU_OMP_THREADS_BIND']}, "
           f"torch threads {settings['torch_threads_after_startup']}, vLLM {vllm.__version__}; median of "
           f"{args.repeats}; load avg {settings['load_avg_start'][0]:.1f} -> {os.getloadavg()[0]:.1f}")
     print("A = policy on (first named), B = the reference; ratio = A / B (tok per process CPU-s | wall tok/s)\n")
-    print("| case | what | A | B | tok/CPU-s A / B | ratio | wall tok/s A / B | ratio | CPU s A / B | wall s A / B "
-          "| decode live blocks/req A / B | same tokens |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for e in table:
-        same = f"{e['same_outputs']}/{e['requests']}" if "same_outputs" in e else ""
-        blocks = "/".join("-" if e[f"{s}_peak_blocks"] < 0 else str(e[f"{s}_peak_blocks"]) for s in "ab")
-        print(f"| {e['case']} | {e['measure']}: {e['label']} | {e['a']} | {e['b']} "
-              f"| {fmt(e['a_tok_per_cpu_s'])} / {fmt(e['b_tok_per_cpu_s'])} | {e['ratio_cpu']:.2f} "
-              f"| {fmt(e['a_tok_per_s'])} / {fmt(e['b_tok_per_s'])} | {e['ratio_wall']:.2f} "
-              f"| {e['a_cpu_s']:.3g} / {e['b_cpu_s']:.3g} | {e['a_wall_s']:.3g} / {e['b_wall_s']:.3g} "
-              f"| {blocks} | {same} |")
+    print_table(table, extra=(("decode live blocks/req A / B", live_blocks),))
     if any(e["a_preemptions"] or e["b_preemptions"] for e in table):
         print("WARNING: some requests were preempted (KV cache too small): raise VLLM_CPU_KVCACHE_SPACE")
     print(f"\nengine startup: " + ", ".join(f"{k} {v:.0f} s" for k, v in startup.items())
           + f"; runs {runs_s:.0f} s")
 
     if args.json:
-        for c in raw.values():
-            for rs in c.values():
-                for r in rs:
-                    r.pop("outputs", None)
-        json.dump(dict(settings=settings, sizes=dataclasses.asdict(z), startup_s=startup, runs_s=runs_s,
-                       cases={c: {n: dataclasses.asdict(s) for n, s in runs.items()} for c, (runs, _) in cases.items()},
-                       rows=table, raw=raw), open(args.json, "w"), indent=1)
-        print(f"raw figures: {args.json}")
+        write_json(args.json, settings, z, cases, table, raw, startup_s=startup, runs_s=runs_s)
 
 
 if __name__ == "__main__":

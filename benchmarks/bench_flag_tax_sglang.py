@@ -102,11 +102,11 @@ if not _pp or _pp[0] != CPU_SUPPORT:
 import argparse  # noqa: E402
 import dataclasses  # noqa: E402
 import json  # noqa: E402
-import statistics  # noqa: E402
-import tempfile  # noqa: E402
 import time  # noqa: E402
 
-STOCK = 0  # engine key of stock SGLang; policy engines are keyed by their window
+# the records, run order, table and JSON shared with bench_flag_tax.py (engine-free: cheap here too)
+from flag_tax_common import (STOCK, Row, Run, dense_cases, engine_name, print_table, random_prompts,  # noqa: E402
+                             run_all, table_rows, tiny_model, write_json)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,43 +127,12 @@ TINY = Sizes(short_prompt=50, dense_new=256, batch=8, dense_window=512, window=2
              past_new=128, chunk=1024)
 
 
-@dataclasses.dataclass(frozen=True)
-class Run:
-    engine: int  # STOCK or a policy window
-    batch: int
-    prompt: int
-    new: int
-    measure: str = "decode"  # or "prefill" (max_new_tokens 1, the whole call)
-
-
-@dataclasses.dataclass(frozen=True)
-class Row:
-    label: str
-    a: str  # run names of the case
-    b: str
-    same_outputs: bool = False  # dense regime on both sides: greedy tokens must match
-    measure: str = ""  # the runs' own measure unless given (case 4 also shows its prefill phase)
-
-
-def engine_name(key: int) -> str:
-    return "stock" if key == STOCK else f"sink W={key}"
-
-
 def build_cases(z: Sizes, sinks: int) -> dict[str, tuple[dict[str, Run], list[Row]]]:
-    dw, w = z.dense_window, z.window
-    dense1 = Run(dw, 1, z.short_prompt, z.dense_new)
-    dense_b = dataclasses.replace(dense1, batch=z.batch)
-    pre = Run(dw, z.batch, z.short_prompt, 1, "prefill")
+    w = z.window
     past = {"sink": Run(w, z.batch, z.past_mult * w, z.past_new),
             "stock": Run(STOCK, z.batch, sinks + w, z.past_new)}
     return {
-        "1": ({"sink": dense1, "stock": dataclasses.replace(dense1, engine=STOCK)},
-              [Row(f"b=1, {z.short_prompt}+{z.dense_new} tokens, dense (W={dw})", "sink", "stock", True)]),
-        "2": ({"sink": dense_b, "stock": dataclasses.replace(dense_b, engine=STOCK)},
-              [Row(f"b={z.batch}, {z.short_prompt}+{z.dense_new} tokens, dense (W={dw})", "sink", "stock",
-                   True)]),
-        "3": ({"sink": pre, "stock": dataclasses.replace(pre, engine=STOCK)},
-              [Row(f"{z.batch} x {z.short_prompt} tokens (W={dw})", "sink", "stock")]),
+        **dense_cases(z),
         "4": (past, [Row(f"b={z.batch} past the window: sink W={w} at {z.past_mult * w}-token prompts vs "
                          f"stock at {sinks + w} (same live KV), {z.past_new} new", "sink", "stock"),
                      Row(f"the same runs' prefill phase: {z.batch} x {z.past_mult * w} tokens (streaming past "
@@ -210,14 +179,6 @@ def cpu_split(c0: dict[int, float], c1: dict[int, float], own: set[int]) -> tupl
 
 # ---- driving one engine -------------------------------------------------------------------------
 
-def random_prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
-    import torch
-
-    g = torch.Generator().manual_seed(seed)
-    # Ids in [3, vocab - 1): SGLang treats the last id specially in places (tests/sglang/sglang_helpers).
-    return torch.randint(3, min(vocab - 1, 32000), (n, length), generator=g).tolist()
-
-
 def run_decode(engine, clock: CpuClock, own: set[int], spec: Run, prompts: list[list[int]]) -> dict:
     sp = {"max_new_tokens": spec.new, "temperature": 0, "ignore_eos": True}
     n = len(prompts)
@@ -257,20 +218,6 @@ def run_prefill(engine, clock: CpuClock, own: set[int], spec: Run, prompts: list
                 other_engines_cpu=other,
                 retractions=max(o["meta_info"].get("num_retractions", 0) or 0 for o in outs),
                 outputs=[list(o["output_ids"]) for o in outs])
-
-
-# ---- the table ----------------------------------------------------------------------------------
-
-def rate(r: dict, measure: str, clock: str) -> float:
-    return r[f"{measure}_tokens"] / r[f"{measure}_{clock}"]
-
-
-def med(xs) -> float:
-    return statistics.median(xs)
-
-
-def fmt(x: float) -> str:
-    return f"{x:.1f}" if x < 1000 else f"{x:.0f}"
 
 
 def shutdown_all(engines: dict) -> None:
@@ -333,10 +280,7 @@ def main() -> None:
     if args.model:
         model = args.model
     elif args.tiny:
-        sys.path.insert(1, os.path.join(ROOT, "tests"))
-        from tiny_models import build_tiny_llama
-
-        model = build_tiny_llama(os.path.join(tempfile.mkdtemp(), "tiny4k"), max_position_embeddings=4096)
+        model = tiny_model()
     else:
         from streaming_sink.prepare import AssetError, default_model_path
 
@@ -347,12 +291,12 @@ def main() -> None:
 
     import psutil
     import torch
-    from tqdm import tqdm
 
     import sglang
 
     cfg = json.load(open(os.path.join(model, "config.json")))
-    context, vocab = cfg["max_position_embeddings"], cfg["vocab_size"]
+    context = cfg["max_position_embeddings"]
+    vocab = cfg["vocab_size"] - 1  # prompt ids below the last: SGLang treats it specially (tests/sglang/sglang_helpers)
     all_runs = [r for runs, _ in cases.values() for r in runs.values()]
     longest = max(r.prompt + r.new for r in all_runs)
     stock_longest = max((r.prompt + r.new for r in all_runs if r.engine == STOCK), default=0)
@@ -409,52 +353,30 @@ def main() -> None:
                                   sampling_params={"max_new_tokens": 8, "temperature": 0, "ignore_eos": True})
         settings["torch_threads_after_startup"] = torch.get_num_threads()
 
-        raw: dict[str, dict[str, list[dict]]] = {c: {name: [] for name in runs} for c, (runs, _) in cases.items()}
-        total = sum(len(runs) for runs, _ in cases.values()) * args.repeats
-        t_runs = time.perf_counter()
-        with tqdm(total=total, desc="runs", file=sys.stderr) as bar:
-            for c, (runs, _) in cases.items():
-                for rep in range(args.repeats):
-                    for name, spec in runs.items():  # A B A B ...
-                        bar.set_postfix_str(f"case {c} {name} rep {rep}")
-                        prompts = random_prompts(spec.batch, max(r.prompt for r in runs.values()), vocab,
-                                                 seed=1000 * int(c) + rep)
-                        prompts = [p[:spec.prompt] for p in prompts]
-                        fn = run_prefill if spec.measure == "prefill" else run_decode
-                        res = fn(engines[spec.engine], clock, own[spec.engine], spec, prompts)
-                        res["load_avg"] = os.getloadavg()[0]
-                        raw[c][name].append(res)
-                        bar.update()
-        runs_s = time.perf_counter() - t_runs
+        def run_one(spec: Run, prompts: list[list[int]], tag: str) -> dict:
+            fn = run_prefill if spec.measure == "prefill" else run_decode
+            return fn(engines[spec.engine], clock, own[spec.engine], spec, prompts)
+
+        raw, runs_s = run_all(cases, args.repeats, vocab, run_one)
         report(args, cases, raw, settings, resolved, startup, runs_s, model, z, t_all)
     finally:
         shutdown_all(engines)
 
 
+# ---- the table ----------------------------------------------------------------------------------
+
+def side_extra(rs: list[dict], measure: str) -> dict:
+    """SGLang's own figures of one side: retractions, the most CPU share idle engines took of a run."""
+    return dict(retractions=max(r["retractions"] for r in rs),
+                other_engines_cpu_share=max(  # below 1 CPU-s it is psutil's 10 ms ticks
+                    (r["other_engines_cpu"] / r[f"{measure}_cpu"] for r in rs if r[f"{measure}_cpu"] >= 1),
+                    default=0.0))
+
+
 def report(args, cases, raw, settings, resolved, startup, runs_s, model, z, t_all) -> None:
     import sglang
 
-    table = []
-    for c, (runs, rows) in cases.items():
-        for row in rows:
-            measure = row.measure or runs[row.a].measure
-            ra, rb = raw[c][row.a], raw[c][row.b]
-            e = dict(case=c, label=row.label, measure=measure, a=engine_name(runs[row.a].engine),
-                     b=engine_name(runs[row.b].engine))
-            for side, rs in (("a", ra), ("b", rb)):
-                e[f"{side}_tok_per_cpu_s"] = med(rate(r, measure, "cpu") for r in rs)
-                e[f"{side}_tok_per_s"] = med(rate(r, measure, "wall") for r in rs)
-                e[f"{side}_cpu_s"] = med(r[f"{measure}_cpu"] for r in rs)
-                e[f"{side}_wall_s"] = med(r[f"{measure}_wall"] for r in rs)
-                e[f"{side}_retractions"] = max(r["retractions"] for r in rs)
-                e[f"{side}_other_engines_cpu_share"] = max(  # below 1 CPU-s it is psutil's 10 ms ticks
-                    (r["other_engines_cpu"] / r[f"{measure}_cpu"] for r in rs if r[f"{measure}_cpu"] >= 1), default=0.0)
-            e["ratio_cpu"] = e["a_tok_per_cpu_s"] / e["b_tok_per_cpu_s"]
-            e["ratio_wall"] = e["a_tok_per_s"] / e["b_tok_per_s"]
-            if row.same_outputs:
-                e["same_outputs"] = sum(x == y for x, y in zip(ra[0]["outputs"], rb[0]["outputs"]))
-                e["requests"] = len(ra[0]["outputs"])
-            table.append(e)
+    table = table_rows(cases, raw, side_extra)
 
     print(f"\nflag tax (SGLang {sglang.__version__}, CPU, torch_native): {os.path.basename(model.rstrip('/'))} "
           f"{args.dtype}, S={args.sink_tokens}, OMP_NUM_THREADS={settings['OMP_NUM_THREADS']}, torch threads "
@@ -463,15 +385,7 @@ def report(args, cases, raw, settings, resolved, startup, runs_s, model, z, t_al
           f"{args.repeats}; load avg {settings['load_avg_start'][0]:.1f} -> {os.getloadavg()[0]:.1f}")
     print("A = policy on, B = stock; ratio = A / B (tok per CPU-s of this process + its subprocesses | "
           "wall tok/s)\n")
-    print("| case | what | A | B | tok/CPU-s A / B | ratio | wall tok/s A / B | ratio | CPU s A / B | wall s A / B "
-          "| same tokens |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
-    for e in table:
-        same = f"{e['same_outputs']}/{e['requests']}" if "same_outputs" in e else ""
-        print(f"| {e['case']} | {e['measure']}: {e['label']} | {e['a']} | {e['b']} "
-              f"| {fmt(e['a_tok_per_cpu_s'])} / {fmt(e['b_tok_per_cpu_s'])} | {e['ratio_cpu']:.2f} "
-              f"| {fmt(e['a_tok_per_s'])} / {fmt(e['b_tok_per_s'])} | {e['ratio_wall']:.2f} "
-              f"| {e['a_cpu_s']:.3g} / {e['b_cpu_s']:.3g} | {e['a_wall_s']:.3g} / {e['b_wall_s']:.3g} | {same} |")
+    print_table(table)
     if any(e["a_retractions"] or e["b_retractions"] for e in table):
         print("WARNING: SGLang retracted some requests (KV pool too small)")
     if (share := max(max(e["a_other_engines_cpu_share"], e["b_other_engines_cpu_share"]) for e in table)) > 0.02:
@@ -480,15 +394,7 @@ def report(args, cases, raw, settings, resolved, startup, runs_s, model, z, t_al
           + f"; runs {runs_s:.0f} s; total {time.perf_counter() - t_all:.0f} s")
 
     if args.json:
-        for c in raw.values():
-            for rs in c.values():
-                for r in rs:
-                    r.pop("outputs", None)
-        json.dump(dict(settings=settings, sizes=dataclasses.asdict(z), startup_s=startup, resolved=resolved,
-                       runs_s=runs_s,
-                       cases={c: {n: dataclasses.asdict(s) for n, s in runs.items()} for c, (runs, _) in cases.items()},
-                       rows=table, raw=raw), open(args.json, "w"), indent=1)
-        print(f"raw figures: {args.json}")
+        write_json(args.json, settings, z, cases, table, raw, startup_s=startup, resolved=resolved, runs_s=runs_s)
 
 
 if __name__ == "__main__":
