@@ -370,7 +370,7 @@ def main() -> None:
     print_table(table, extra=(("decode live blocks/req A / B", live_blocks),))
     if any(e["a_preemptions"] or e["b_preemptions"] for e in table):
         print("WARNING: some requests were preempted (KV cache too small): raise VLLM_CPU_KVCACHE_SPACE")
-    print(f"\nengine startup: " + ", ".join(f"{k} {v:.0f} s" for k, v in startup.items())
+    print("\nengine startup: " + ", ".join(f"{k} {v:.0f} s" for k, v in startup.items())
           + f"; runs {runs_s:.0f} s")
 
     if args.json:

@@ -390,7 +390,7 @@ def report(args, cases, raw, settings, resolved, startup, runs_s, model, z, t_al
         print("WARNING: SGLang retracted some requests (KV pool too small)")
     if (share := max(max(e["a_other_engines_cpu_share"], e["b_other_engines_cpu_share"]) for e in table)) > 0.02:
         print(f"NOTE: idle engines used up to {100 * share:.1f}% of a run's CPU seconds")
-    print(f"\nengine startup: " + ", ".join(f"{k} {v:.0f} s" for k, v in startup.items())
+    print("\nengine startup: " + ", ".join(f"{k} {v:.0f} s" for k, v in startup.items())
           + f"; runs {runs_s:.0f} s; total {time.perf_counter() - t_all:.0f} s")
 
     if args.json:

@@ -7,7 +7,6 @@ pickles with the record into the scheduler processes. No SGLang import here.
 
 from __future__ import annotations
 
-from typing import Any
 
 from streaming_sink.policy import SinkPolicy
 
