@@ -88,6 +88,11 @@ class StreamingSinkCPUMetadataBuilder(CPUAttentionMetadataBuilder):
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
               fast_build: bool = False) -> StreamingSinkCPUMetadata:
         m = common_attn_metadata
+        if m.max_seq_len <= self.policy.dense_tokens:  # (an upper bound) every row dense: stock, no work of ours
+            return StreamingSinkCPUMetadata(
+                num_actual_tokens=m.num_actual_tokens, stock=super().build(common_prefix_len, m, fast_build),
+                dense_rows=None, streaming_seqs=None, query_start_loc=m.query_start_loc, seq_lens=m.seq_lens,
+                block_table=m.block_table_tensor)
         seq_lens = m.seq_lens[:m.num_reqs]
         dense = seq_lens <= self.policy.dense_tokens
         n_dense = int(dense.sum())
