@@ -17,22 +17,27 @@ from streaming_sink.policy import SinkPolicy
 from streaming_sink.rope import RotaryParams
 
 
+def query_start_loc(q_lens: torch.Tensor) -> torch.Tensor:
+    """Varlen offsets ``[requests + 1]`` (int64) of requests with ``q_lens`` queries each."""
+    qsl = torch.zeros(q_lens.shape[0] + 1, dtype=torch.int64, device=q_lens.device)
+    torch.cumsum(q_lens.to(torch.int64), 0, out=qsl[1:])
+    return qsl
+
+
 def token_pool_attention(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor,
                          req_to_token: torch.Tensor, req_pool_indices: torch.Tensor,
-                         seq_lens: torch.Tensor, q_lens: torch.Tensor, scale: float,
+                         seq_lens: torch.Tensor, qsl: torch.Tensor, scale: float,
                          policy: SinkPolicy, rope: RotaryParams, out: torch.Tensor,
                          sinks: torch.Tensor | None = None, sliding_window: int | None = None,
                          seq_ids: torch.Tensor | None = None) -> torch.Tensor:
-    """``q``/``out`` [tokens, Hq, D] (requests back to back, ``q_lens`` each, the last
-    ``q_lens[i]`` positions of ``seq_lens[i]``); ``k_buffer``/``v_buffer`` [slots, Hkv, D];
+    """``q``/``out`` [tokens, Hq, D] (requests back to back at offsets ``qsl``, request ``i``'s
+    queries the last positions of ``seq_lens[i]``); ``k_buffer``/``v_buffer`` [slots, Hkv, D];
     request ``i``'s slot ids by token position are ``req_to_token[req_pool_indices[i]]``.
     ``seq_ids``: compute only these requests' rows (CPU)."""
     if policy.block_size != 1:
         raise ValueError(f"SGLang's token pool is paged by 1, the policy by {policy.block_size}")
     k_cache = k_buffer.view(-1, 1, *k_buffer.shape[1:])  # slot s = block s
     v_cache = v_buffer.view(-1, 1, *v_buffer.shape[1:])
-    query_start_loc = torch.zeros(q_lens.shape[0] + 1, dtype=torch.int64, device=q.device)
-    torch.cumsum(q_lens.to(torch.int64), 0, out=query_start_loc[1:])
     kwargs = dict(policy=policy, rope=rope, sinks=sinks, sliding_window=sliding_window, out=out)
     if q.is_cuda:  # the GPU slot: the core's Triton kernels, same API
         from streaming_sink.triton_attention import paged_attention
@@ -40,7 +45,7 @@ def token_pool_attention(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torc
         if seq_ids is not None:
             raise ValueError("the Triton path computes whole batches")
         table = req_to_token[req_pool_indices.long()]
-        return paged_attention(q, k_cache, v_cache, table, query_start_loc, seq_lens, scale, **kwargs,
-                               max_query_len=int(q_lens.max()))
-    return paged_attention_cpu(q, k_cache, v_cache, req_to_token, query_start_loc, seq_lens, scale,
+        return paged_attention(q, k_cache, v_cache, table, qsl, seq_lens, scale, **kwargs,
+                               max_query_len=int(qsl.diff().max()))
+    return paged_attention_cpu(q, k_cache, v_cache, req_to_token, qsl, seq_lens, scale,
                                **kwargs, seq_ids=seq_ids, table_rows=req_pool_indices)

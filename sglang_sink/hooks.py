@@ -244,7 +244,9 @@ def _backend_class():
     from sglang.srt.layers.attention.torch_native_backend import TorchNativeAttnBackend
     from sglang.srt.mem_cache.memory_pool import KVWriteLoc
 
-    from .attention import token_pool_attention
+    from streaming_sink.cpu_attention import query_rows
+
+    from .attention import query_start_loc, token_pool_attention
 
     class StreamingSinkAttnBackend(TorchNativeAttnBackend):
         """torch_native's KV writes; per step, requests whose every query is below the
@@ -256,18 +258,22 @@ def _backend_class():
             super().__init__(model_runner)
             self.policy = policy
             self.ropes = _layer_ropes(model_runner.model, policy)
-            self.split = None
+            self.split = self.qsl = None
             if model_runner.device == "cpu":
                 from streaming_sink.cpu_attention import load
 
                 load()  # built once per machine, at startup rather than on the first request
 
         def init_forward_metadata(self, forward_batch):
-            """Once per step: which requests are dense, and their query rows."""
+            """Once per step: the requests' query offsets, which requests are dense, their rows."""
             super().init_forward_metadata(forward_batch)
             fb = forward_batch
-            self.split = None  # (dense mask or None = all, their rows, streaming ids); None: no dense
-            if fb.seq_lens is None or fb.seq_lens.is_cuda or fb.forward_mode.is_idle():
+            self.split = self.qsl = None  # split: (dense mask or None = all, their rows, streaming ids)
+            if fb.seq_lens is None or fb.forward_mode.is_idle():
+                return
+            q_lens = fb.extend_seq_lens if fb.forward_mode.is_extend() else torch.ones_like(fb.seq_lens)
+            self.qsl = query_start_loc(q_lens)
+            if fb.seq_lens.is_cuda:
                 return
             dense = fb.seq_lens <= self.policy.dense_tokens
             if not bool(dense.any()):
@@ -275,9 +281,7 @@ def _backend_class():
             if bool(dense.all()):
                 self.split = (None, None, None)
                 return
-            q_lens = fb.extend_seq_lens if fb.forward_mode.is_extend() else torch.ones_like(fb.seq_lens)
-            ends = torch.cumsum(q_lens.long(), 0)
-            rows = torch.cat([torch.arange(int(e - n), int(e)) for e, n in zip(ends[dense], q_lens[dense])])
+            rows, _ = query_rows(self.qsl, torch.nonzero(dense).flatten())
             self.split = (dense, rows, torch.nonzero(~dense).flatten())
 
         def _run(self, q, k, v, layer, fb, save_kv_cache, extend, sinks=None, **_):
@@ -297,11 +301,10 @@ def _backend_class():
                 self._stock_rows(q_, o, layer, fb, extend, sw, dense, rows)
                 if streaming is None:
                     return o.view(n, -1)
-            q_lens = fb.extend_seq_lens if extend else fb.seq_lens.new_ones(fb.seq_lens.shape)
             token_pool_attention(
                 q_, self.token_to_kv_pool.get_key_buffer(layer.layer_id),
                 self.token_to_kv_pool.get_value_buffer(layer.layer_id), self.req_to_token_pool.req_to_token,
-                fb.req_pool_indices, fb.seq_lens, q_lens, layer.scaling, self.policy,
+                fb.req_pool_indices, fb.seq_lens, self.qsl, layer.scaling, self.policy,
                 self.ropes[layer.layer_id], o, sinks=sinks,
                 sliding_window=sw + 1 if sw is not None else None, seq_ids=streaming)
             return o.view(n, -1)

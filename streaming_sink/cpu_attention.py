@@ -126,6 +126,18 @@ def paged_attention_cpu(
     return out
 
 
+def query_rows(query_start_loc: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The query rows of sequences ``ids`` in a varlen batch, and the ``query_start_loc``
+    of those sequences alone (how an adapter hands a subset of a step to another kernel)."""
+    qsl = query_start_loc.tolist()
+    ids = ids.tolist()
+    rows = [torch.arange(qsl[i], qsl[i + 1]) for i in ids]
+    rows = torch.cat(rows) if rows else torch.zeros(0, dtype=torch.long)
+    sub = torch.zeros(len(ids) + 1, dtype=torch.long)
+    sub[1:] = torch.tensor([qsl[i + 1] - qsl[i] for i in ids], dtype=torch.long).cumsum(0)
+    return rows, sub
+
+
 def _reference(q, k_cache, v_cache, block_table, query_start_loc, seq_lens, scale, policy, rope, sinks,
                sliding_window, out, seq_ids, table_rows):
     from .reference_attention import paged_attention_ref  # noqa: PLC0415 (only on the fallback)
@@ -136,11 +148,7 @@ def _reference(q, k_cache, v_cache, block_table, query_start_loc, seq_lens, scal
         return paged_attention_ref(q, k_cache, v_cache, block_table, query_start_loc, seq_lens, scale,
                                    policy, rope, sinks, sliding_window, out)
     # Only these sequences' rows change; the reference computes whole batches.
-    qsl = query_start_loc.tolist()
-    ids = seq_ids.tolist()
-    rows = torch.cat([torch.arange(qsl[i], qsl[i + 1]) for i in ids]) if ids else torch.zeros(0, dtype=torch.long)
-    sub_qsl = torch.zeros(len(ids) + 1, dtype=torch.long)
-    sub_qsl[1:] = torch.tensor([qsl[i + 1] - qsl[i] for i in ids], dtype=torch.long).cumsum(0)
+    rows, sub_qsl = query_rows(query_start_loc, seq_ids)
     part = paged_attention_ref(q[rows], k_cache, v_cache, block_table[seq_ids.long()], sub_qsl,
                                seq_lens[seq_ids.long()], scale, policy, rope, sinks, sliding_window)
     out[rows] = part.to(out.dtype)

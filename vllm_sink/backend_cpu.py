@@ -30,7 +30,7 @@ from vllm.v1.attention.backends.cpu_attn import (
 )
 
 from streaming_sink.cpu_attention import load as load_kernel
-from streaming_sink.cpu_attention import paged_attention_cpu
+from streaming_sink.cpu_attention import paged_attention_cpu, query_rows
 from streaming_sink.policy import PolicyConfigError, SinkPolicy
 
 from .backend import SinkBackendMixin, SinkImplMixin, _check_block_size
@@ -88,38 +88,30 @@ class StreamingSinkCPUMetadataBuilder(CPUAttentionMetadataBuilder):
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
               fast_build: bool = False) -> StreamingSinkCPUMetadata:
         m = common_attn_metadata
-        if m.max_seq_len <= self.policy.dense_tokens:  # (an upper bound) every row dense: stock, no work of ours
+        seq_lens = m.seq_lens[:m.num_reqs]
+        # max_seq_len (an upper bound) spares the per-row check in the common case.
+        dense = None if m.max_seq_len <= self.policy.dense_tokens else seq_lens <= self.policy.dense_tokens
+        if dense is None or bool(dense.all()):  # every row dense: exactly stock, nothing of ours
             return StreamingSinkCPUMetadata(
                 num_actual_tokens=m.num_actual_tokens, stock=super().build(common_prefix_len, m, fast_build),
-                dense_rows=None, streaming_seqs=None, query_start_loc=m.query_start_loc, seq_lens=m.seq_lens,
+                dense_rows=None, streaming_seqs=None, query_start_loc=m.query_start_loc, seq_lens=seq_lens,
                 block_table=m.block_table_tensor)
-        seq_lens = m.seq_lens[:m.num_reqs]
-        dense = seq_lens <= self.policy.dense_tokens
-        n_dense = int(dense.sum())
-        qsl = m.query_start_loc.long()
-        stock = dense_rows = streaming = None
-        if n_dense == m.num_reqs:
-            stock = super().build(common_prefix_len, m, fast_build)
-        else:
-            streaming = torch.nonzero(~dense).flatten()
-            if n_dense:
-                ids = torch.nonzero(dense).flatten()
-                stock, dense_rows = self._build_subset(common_prefix_len, m, ids, qsl, fast_build)
+        stock = dense_rows = None
+        if bool(dense.any()):
+            stock, dense_rows = self._build_subset(common_prefix_len, m, torch.nonzero(dense).flatten(), fast_build)
         return StreamingSinkCPUMetadata(
             num_actual_tokens=m.num_actual_tokens, stock=stock, dense_rows=dense_rows,
-            streaming_seqs=streaming, query_start_loc=qsl, seq_lens=seq_lens.long(),
-            block_table=m.block_table_tensor)
+            streaming_seqs=torch.nonzero(~dense).flatten(), query_start_loc=m.query_start_loc.long(),
+            seq_lens=seq_lens.long(), block_table=m.block_table_tensor)
 
-    def _build_subset(self, common_prefix_len, m, ids, qsl, fast_build):
+    def _build_subset(self, common_prefix_len, m, ids, fast_build):
         """Stock metadata for the sequences ``ids`` alone, and their query rows."""
-        q_lens = qsl[ids + 1] - qsl[ids]
-        rows = torch.cat([torch.arange(int(qsl[i]), int(qsl[i + 1])) for i in ids.tolist()])
-        sub_qsl = torch.zeros(len(ids) + 1, dtype=m.query_start_loc.dtype)
-        torch.cumsum(q_lens, 0, out=sub_qsl[1:])
+        rows, sub_qsl = query_rows(m.query_start_loc, ids)
+        sub_qsl = sub_qsl.to(m.query_start_loc.dtype)
         seq_lens = m.seq_lens[ids]
         sub = dataclasses.replace(
             m, query_start_loc=sub_qsl, query_start_loc_cpu=sub_qsl, seq_lens=seq_lens,
-            num_reqs=len(ids), num_actual_tokens=len(rows), max_query_len=int(q_lens.max()),
+            num_reqs=len(ids), num_actual_tokens=len(rows), max_query_len=int(sub_qsl.diff().max()),
             max_seq_len=int(seq_lens.max()), block_table_tensor=m.block_table_tensor[ids],
             slot_mapping=m.slot_mapping[rows], positions=None, is_prefilling=None,
             seq_lens_cpu_upper_bound=None, req_idx=None)
