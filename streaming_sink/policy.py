@@ -19,6 +19,7 @@ indices only, so it works elementwise on ints and on torch tensors alike.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -145,6 +146,32 @@ class SinkPolicy:
         j_next = num_computed_tokens // self.block_size
         return range(self.sink_blocks, max(self.sink_blocks, self.first_window_block(j_next)))
 
+    # ---- prefix reuse (docs/architecture.md, "Prefix reuse") ----------
+    def hit_blocks(self, h: int) -> list[int]:
+        """Cached blocks a new request must find to resume at block ``h``: what its
+        first query (block ``h``) reads before ``h``. The gap is never needed."""
+        return self.live_blocks(h)[:-1]
+
+    def longest_hit(self, num_blocks: int, cached) -> int:
+        """Largest ``h <= num_blocks`` whose ``hit_blocks(h)`` are all ``cached(b)``
+        (0 if none): how many blocks a new request can resume from. Scans from the
+        right for ``Wb`` contiguous cached blocks (as vLLM's sliding-window lookup
+        does) once the sinks are found cached, else takes the dense prefix."""
+        seen: dict[int, bool] = {}
+        cached = functools.partial(_probe_once, seen, cached)
+        dense_last = self.sink_blocks + self.window_blocks  # the last dense query block
+        prefix = 0  # cached blocks from block 0, as far as a dense hit can use them
+        while prefix < min(num_blocks, dense_last) and cached(prefix):
+            prefix += 1
+        if prefix >= self.sink_blocks:
+            run = 0
+            # i: first block of a window [i, i + Wb); h = i + Wb must be streaming.
+            for i in range(num_blocks - 1, dense_last - self.window_blocks, -1):
+                run = run + 1 if cached(i) else 0
+                if run == self.window_blocks:
+                    return i + self.window_blocks
+        return prefix
+
     # ---- model checks -------------------------------------------------
     def check_layer_window(self, sliding_window: int | None, what: str = "a layer") -> None:
         """A layer with its own sliding window (GPT-OSS, Gemma, Mistral) keeps it under
@@ -196,6 +223,12 @@ class SinkPolicy:
         return (f"streaming-sink: {self.sink_tokens} sink tokens ({self.sink_blocks} block(s)) + "
                 f"{self.window_tokens}-token window ({self.window_blocks} blocks of {self.block_size}); "
                 f"RoPE positions <= {self.max_position}")
+
+
+def _probe_once(seen: dict, cached, b: int) -> bool:
+    if b not in seen:
+        seen[b] = bool(cached(b))
+    return seen[b]
 
 
 def _where(cond, a, b):

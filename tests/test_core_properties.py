@@ -153,6 +153,24 @@ def test_max_live_blocks_bounds_a_chunk(pc, data):
     assert p.max_live_blocks(1) == c.sink_blocks + c.window_blocks + 1
 
 
+@SETTINGS
+@given(policies(), st.data())
+def test_longest_hit_is_the_longest_resumable_prefix(pc, data):
+    """A request resumed at block h reads, before h, exactly ``hit_blocks(h)``
+    (the contract's blocks for query block h); ``longest_hit`` is the largest h
+    whose blocks are all cached, whatever else (the gap) was evicted."""
+    p, c = pc
+    bs = c.block_size
+    n = data.draw(st.integers(0, _horizon(c) // bs + 4), label="prompt blocks")
+    cached = data.draw(st.sets(st.integers(0, max(n - 1, 0))), label="cached blocks")
+    for h in range(n + 1):
+        assert set(p.hit_blocks(h)) == set(c.blocks_read(h * bs)) - {h}
+    probed = []
+    got = p.longest_hit(n, lambda b: probed.append(b) or b in cached)
+    assert got == max(h for h in range(n + 1) if set(p.hit_blocks(h)) <= cached)
+    assert len(probed) == len(set(probed)) and all(0 <= b < n for b in probed)
+
+
 @given(st.integers(-50, -1), block_sizes)
 @settings(max_examples=20, deadline=None)
 def test_config_errors(neg, bs):

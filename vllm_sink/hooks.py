@@ -8,8 +8,8 @@ computing something else silently. The touch points:
 1. ``EngineArgs.add_cli_args`` / ``from_cli_args`` / ``__init__``: the flags
    ``--kv-policy --sink-tokens --sink-window`` on the stock CLI and the same
    keywords for ``LLM(...)``; they travel in ``additional_config``.
-2. ``EngineArgs.create_engine_config``: policy on -> chunked prefill on, prefix
-   caching off (logged), long ``max_model_len`` allowed, our backend selected
+2. ``EngineArgs.create_engine_config``: policy on -> chunked prefill on (prefix
+   caching left as vLLM or the user sets it), long ``max_model_len`` allowed, our backend selected
    (``attention_backend=CUSTOM``), the policy resolved for the final block size;
    ``ModelConfig.get_sliding_window`` read to refuse a layer window longer than
    the policy's (GPT-OSS sliding layers must fit inside ``--sink-window``).
@@ -170,10 +170,8 @@ def _create_streaming_config(args, original_create, opts, *a, **kw):
             "--kv-policy streaming-sink needs chunked prefill (a long prompt is streamed through "
             "the window chunk by chunk); drop --no-enable-chunked-prefill")
     args.enable_chunked_prefill = True
-    if args.enable_prefix_caching is not False:
-        logger.info("streaming-sink: prefix caching off (blocks past the window hold keys at "
-                    "window-relative positions, which other requests cannot reuse)")
-    args.enable_prefix_caching = False
+    # Prefix caching is left to vLLM and the user: a hit reuses the sink and window
+    # blocks of a cached prefix (kv_manager.py); --no-enable-prefix-caching is honoured.
     args.attention_backend = AttentionBackendEnum.CUSTOM
     if args.max_model_len is None:
         args.max_model_len = sink_config.DEFAULT_STREAM_LEN

@@ -1,4 +1,5 @@
-"""KV cache spec + manager: pin the sink blocks, recycle the gap behind the window.
+"""KV cache spec + manager: pin the sink blocks, recycle the gap behind the window,
+and reuse cached sink + window blocks across requests (prefix caching).
 
 Modelled on vLLM's ``SlidingWindowSpec`` / ``SlidingWindowManager`` (v1 core):
 the spec subclasses the sliding-window spec so vLLM's recycling-aware
@@ -6,6 +7,13 @@ admission cap and startup KV sizing apply, with our own per-request bound;
 the manager frees ``[Sb, first window block)`` instead of ``[0, ...)``.
 Freed slots become vLLM's null block in the scheduler's table; the worker's
 block table keeps the stale ids, which the attention backend never reads.
+
+Prefix caching: a block's content is a function of the token prefix ending at
+it (positions ``pos(t)`` depend on ``t`` only), so vLLM's chained block hash
+names it. A new request resumes at block ``h`` when the blocks its first query
+reads are cached: the sinks and the ``Wb`` blocks before ``h``
+(``SinkPolicy.longest_hit``); the gap comes back as null blocks, never needed.
+vLLM's pool ref-counts the shared blocks; freed ones stay hashed (evictable).
 """
 
 from __future__ import annotations
@@ -13,6 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from vllm.utils.math_utils import cdiv
+from vllm.v1.core.kv_cache_utils import resolve_block_hashes
 from vllm.v1.core.single_type_kv_cache_manager import SlidingWindowManager
 from vllm.v1.kv_cache_interface import SlidingWindowSpec
 
@@ -28,12 +37,6 @@ class StreamingSinkSpec(SlidingWindowSpec):
     @property
     def policy(self) -> SinkPolicy:
         return SinkPolicy(self.sink_tokens, self.sliding_window, self.block_size)
-
-    @property
-    def prefix_cacheable(self) -> bool:
-        # Blocks past the dense regime hold keys rotated at remapped positions
-        # that depend on the window; the policy switches prefix caching off.
-        return False
 
     def max_admission_blocks_per_request(self, max_in_flight_tokens: int, max_model_len: int) -> int:
         return min(self.policy.max_live_blocks(max_in_flight_tokens), cdiv(max_model_len, self.block_size))
@@ -57,13 +60,59 @@ class StreamingSinkManager(SlidingWindowManager):
         self._remove_blocks_in_range(request_id, gap.start, gap.stop)
 
     def get_num_skipped_tokens(self, num_computed_tokens: int) -> int:
-        # Only consulted for prefix-cache hits of new requests; caching is off.
+        # vLLM's notion of skipped tokens is a leading run; ours is a gap after the
+        # sinks (null blocks inside a hit, counted as hit blocks), so none lead.
         return 0
 
     @classmethod
-    def find_longest_cache_hit(cls, *args, **kwargs):
-        raise RuntimeError("prefix caching is not supported with --kv-policy streaming-sink "
-                           "(the plugin turns it off at startup)")
+    def find_longest_cache_hit(cls, block_hashes, max_length: int, kv_cache_group_ids: list[int],
+                               block_pool, kv_cache_spec: StreamingSinkSpec, drop_eagle_block: bool,
+                               alignment_tokens: int, dcp_world_size: int = 1, pcp_world_size: int = 1):
+        bs = kv_cache_spec.block_size
+        # Refused at startup (speculative decoding, DCP/PCP, a second block size):
+        # say so here too rather than return a hit on other terms.
+        if drop_eagle_block or dcp_world_size > 1 or pcp_world_size > 1 or alignment_tokens != bs:
+            raise RuntimeError("streaming-sink prefix caching: EAGLE, DCP/PCP and hit alignments "
+                               f"other than whole {bs}-token blocks are not supported")
+        block_hashes = resolve_block_hashes(block_hashes, block_pool.hash_block_size, bs)
+        found: dict[int, list] = {}
+
+        def cached(b: int) -> bool:
+            blocks = block_pool.get_cached_block(block_hashes[b], kv_cache_group_ids)
+            if blocks:
+                found[b] = blocks
+            return bool(blocks)
+
+        policy = kv_cache_spec.policy
+        h = policy.longest_hit(min(max_length // bs, len(block_hashes)), cached)
+        hit = [[block_pool.null_block] * h for _ in kv_cache_group_ids]
+        for b in policy.hit_blocks(h):
+            for group, block in zip(hit, found[b]):
+                group[b] = block
+        return tuple(hit), h * bs
+
+    @classmethod
+    def reachable_block_mask(cls, *args, **kwargs):
+        # Cache every full block: vLLM's sliding-window mask would drop the sinks.
+        return None
+
+    def get_num_blocks_to_allocate(self, request_id: str, num_tokens: int, new_computed_blocks,
+                                   total_computed_tokens: int, num_local_computed_tokens: int,
+                                   num_tokens_main_model: int, apply_admission_cap: bool = False,
+                                   prefill_end: int = 0) -> int:
+        n = super().get_num_blocks_to_allocate(
+            request_id, num_tokens, new_computed_blocks, total_computed_tokens,
+            num_local_computed_tokens, num_tokens_main_model, apply_admission_cap, prefill_end)
+        cap = self.max_admission_blocks_per_request
+        if not (apply_admission_cap and new_computed_blocks) or cap is None or request_id in self.num_cached_block:
+            return n
+        # Admission of a request with a hit: vLLM subtracts the hit's length (gap
+        # included) from the capped need. Held is what the hit really holds; the
+        # request grows to at most the cap, and never past its own tokens.
+        held = sum(not b.is_null for b in new_computed_blocks)
+        grow = cdiv(num_tokens, self.block_size) - len(new_computed_blocks)
+        new = max(0, min(grow, cap - held))
+        return new + self._get_num_evictable_blocks(new_computed_blocks)
 
     def live_block_count(self, request_id: str) -> int:
         """Blocks this request really holds (diagnostics and tests)."""
