@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from oracle_gptoss import OracleGptOss
-from vllm_helpers import BS, S, W, SamplingParams, free_blocks, kv_manager, make_llm, \
+from vllm_helpers import BS, S, W, SamplingParams, check_greedy, free_blocks, greedy, kv_manager, make_llm, \
     prompt_logprobs, random_ids
 
 from streaming_sink.policy import PolicyConfigError, SinkPolicy
@@ -177,6 +177,25 @@ def test_abort_mid_stream_returns_every_block(llm):
     assert 2 * CONTEXT <= len(final["drop"].outputs[0].token_ids) < 8 * CONTEXT
     for kind in BOUND:
         assert peak[kind] <= BOUND[kind], (kind, peak, BOUND)
+    assert free_blocks(llm) == start
+
+
+def test_multi_turn_session_hits_through_the_hybrid_coordinator(llm, oracle):
+    """Ten turns, each the whole history plus a new message (17x the context): vLLM's
+    hybrid coordinator finds hits both group kinds agree on, and outputs match the oracle.
+    vLLM's sliding layers keep only each prompt's replay boundary by default
+    (--prefix-cache-retention-interval 0), so a turn resumes at the previous prompt."""
+    start = free_blocks(llm)
+    history, turns = random_ids(300, seed=61), []
+    for turn in range(10):
+        gen, lps, cached = greedy(llm, history, 60)
+        turns.append((len(history), gen, lps, cached))
+        history = history + gen + random_ids(350, seed=620 + turn)
+    assert len(history) >= 16 * CONTEXT
+    lp = oracle.logprobs(history)
+    for i, (n, gen, lps, cached) in enumerate(turns):
+        check_greedy(lp, n, gen, lps, TOL, f"turn {i}")
+        assert cached == (0 if i == 0 else (turns[i - 1][0] - 1) // BS * BS), f"turn {i}"
     assert free_blocks(llm) == start
 
 

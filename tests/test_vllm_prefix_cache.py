@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from oracle import OracleLlama
-from vllm_helpers import BS, W, SamplingParams, free_blocks, kv_manager, live_blocks, make_llm, random_ids
+from vllm_helpers import BS, W, SamplingParams, check_greedy, free_blocks, greedy, kv_manager, live_blocks, \
+    make_llm, output_logprobs, random_ids
 
 from streaming_sink.policy import SinkPolicy
 
@@ -48,26 +49,6 @@ def oracle(tiny_llama):
     return OracleLlama(tiny_llama, sink_tokens=SYSTEM_LEN, window_tokens=W, block_size=BS)
 
 
-def _greedy(llm, prompt: list[int], n: int = REPLY):
-    params = SamplingParams(max_tokens=n, temperature=0, ignore_eos=True, logprobs=0)
-    out = llm.generate([{"prompt_token_ids": prompt}], params, use_tqdm=False)[0]
-    gen = list(out.outputs[0].token_ids)
-    lps = torch.tensor([d[t].logprob for d, t in zip(out.outputs[0].logprobs, gen)], dtype=torch.float64)
-    return gen, lps, out.num_cached_tokens
-
-
-def _check_against_oracle(oracle_lp: torch.Tensor, start: int, gen: list[int], lps: torch.Tensor, what: str):
-    """``oracle_lp``: the oracle's next-token log-probs over a history that has ``gen``
-    at ``start``; the engine's tokens are greedy and its logprobs the oracle's."""
-    lp = oracle_lp[start - 1:start - 1 + len(gen)]
-    want = lp.gather(1, torch.tensor(gen)[:, None]).squeeze(1)
-    diff = (lps - want).abs()
-    assert diff.max().item() < TOL, f"{what}: max |engine - oracle| {diff.max():.3g} at token {diff.argmax()}"
-    top2 = lp.topk(2, dim=1).values
-    clear = (top2[:, 0] - top2[:, 1]) > 1e-3
-    assert torch.equal(lp.argmax(1)[clear], torch.tensor(gen)[clear]), what
-
-
 def _same_as(gen, lps, ref_gen, ref_lps, oracle_lp, start, what):
     """Caching on vs off: the same tokens, up to a float near-tie (then stop there)."""
     n = next((i for i, (a, b) in enumerate(zip(gen, ref_gen)) if a != b), len(gen))
@@ -83,8 +64,8 @@ def session(llm, nocache):
     history = SYSTEM + random_ids(200, seed=1)
     turns = []
     for turn in range(10):
-        gen, lps, cached = _greedy(llm, history)
-        ref = _greedy(nocache, history)
+        gen, lps, cached = greedy(llm, history, REPLY)
+        ref = greedy(nocache, history, REPLY)
         turns.append(dict(start=len(history), gen=gen, lps=lps, cached=cached, ref=ref))
         history = history + gen + random_ids(MESSAGE, seed=100 + turn)
     assert len(history) >= 16 * CONTEXT
@@ -96,7 +77,7 @@ def test_session_turns_hit_the_cache_and_match_the_oracle(session, oracle):
     oracle_lp = oracle.logprobs(history)  # every turn is a prefix of the last history
     for i, t in enumerate(turns):
         what = f"turn {i} ({t['start']} prompt tokens)"
-        _check_against_oracle(oracle_lp, t["start"], t["gen"], t["lps"], what)
+        check_greedy(oracle_lp, t["start"], t["gen"], t["lps"], TOL, what)
         _same_as(t["gen"], t["lps"], *t["ref"][:2], oracle_lp, t["start"], what)
         assert t["ref"][2] == 0  # the caching-off engine computed everything
         if i:
@@ -115,11 +96,11 @@ def test_a_prompt_diverging_from_a_cached_session_gets_no_wrong_hit(llm, oracle,
     d = {"gap": end - W - 20 * BS + 7, "window": end - W // 2 + 5}[where]
     assert POLICY.dense_tokens < d < end
     prompt = history[:d] + random_ids(150, seed=999)
-    gen, lps, cached = _greedy(llm, prompt, 40)
+    gen, lps, cached = greedy(llm, prompt, 40)
     # Resumes right before the first changed block: its sinks and window are cached
     # (the session computed them), the gap is not needed, nothing after d is reused.
     assert cached == d // BS * BS
-    _check_against_oracle(oracle.logprobs(prompt + gen), len(prompt), gen, lps, where)
+    check_greedy(oracle.logprobs(prompt + gen), len(prompt), gen, lps, TOL, where)
 
 
 def test_an_evicted_window_block_moves_the_hit_back(llm, oracle, session):
@@ -134,9 +115,9 @@ def test_an_evicted_window_block_moves_the_hit_back(llm, oracle, session):
     probe = make_request_hashes(llm, prompt)
     gone = pool.get_cached_block(probe[h - 2], [0])[0]  # the 2nd-last window block of the hit
     pool.evict_blocks({gone.block_id})
-    gen, lps, cached = _greedy(llm, prompt, 30)
+    gen, lps, cached = greedy(llm, prompt, 30)
     assert cached == (h - 2) * BS  # the next h whose Wb blocks before it are all cached
-    _check_against_oracle(oracle.logprobs(prompt + gen), len(prompt), gen, lps, "after eviction")
+    check_greedy(oracle.logprobs(prompt + gen), len(prompt), gen, lps, TOL, "after eviction")
 
 
 def make_request_hashes(llm, prompt):
@@ -180,12 +161,11 @@ def test_concurrent_sessions_share_the_system_prompt_blocks(llm, oracle):
         assert shared_checked or turn == 0  # turn 0 may finish a prompt before the others start
         for s in histories:
             out = outs[f"{s}-t{turn}"]
-            gen = list(out.outputs[0].token_ids)
+            gen, lps = output_logprobs(out)
             if f"{s}-t{turn}" == aborted:
                 histories[s] = histories[s] + gen  # the client keeps what it got
                 continue
             assert len(gen) == REPLY
-            lps = torch.tensor([d[t].logprob for d, t in zip(out.outputs[0].logprobs, gen)], dtype=torch.float64)
             finished[s].append((len(histories[s]), gen, lps))
             histories[s] = histories[s] + gen
         for s in histories:
@@ -195,4 +175,4 @@ def test_concurrent_sessions_share_the_system_prompt_blocks(llm, oracle):
     for s, turns in finished.items():
         lp = oracle.logprobs(histories[s])
         for start, gen, lps in turns:
-            _check_against_oracle(lp, start, gen, lps, f"session {s} at {start}")
+            check_greedy(lp, start, gen, lps, TOL, f"session {s} at {start}")
