@@ -21,6 +21,10 @@ from server_process import free_port, running_server
 
 CONTEXT = 256
 VLLM = str(Path(sys.executable).with_name("vllm"))  # this venv's console script, as users run it
+ROOT = Path(__file__).resolve().parent.parent
+# The tiny tokenizer has no chat template; the chat test gives the server a plain one.
+CHAT_TEMPLATE = ("{% for m in messages %}### {{ m['role'] }}:\n{{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}### assistant:\n{% endif %}")
 
 
 def _env() -> dict:
@@ -37,6 +41,7 @@ def server(tiny_llama, tmp_path_factory):
            "--kv-policy", "streaming-sink", "--sink-tokens", "4", "--sink-window", "128",
            "--block-size", "32", "--max-model-len", "16384", "--dtype", "float32",
            "--max-num-batched-tokens", "256",
+           "--enable-prompt-tokens-details", "--chat-template", CHAT_TEMPLATE,  # the chat session test
            "--shutdown-timeout", "10"]  # the engine tears down by itself: no leaked semaphores
     with running_server(cmd, port, log, _env(), timeout=240) as base:
         yield base, log
@@ -94,6 +99,31 @@ def test_concurrent_requests(server):
         "model": model, "prompt": [1] + list(range(3, 43)), "max_tokens": 2 * CONTEXT,
         "temperature": 0, "ignore_eos": True}, timeout=600).json()
     assert again["choices"][0]["text"] == results[0]["choices"][0]["text"]
+
+
+def test_chat_session_example_resumes_turns_from_the_prefix_cache(server, tmp_path):
+    """examples/chat_session.py against the running server: a chat past the context whose
+    turns after the first come mostly from the prefix cache (sink + window blocks of the
+    previous turn), as the server reports in usage.prompt_tokens_details.cached_tokens."""
+    base, _ = server
+    out = tmp_path / "turns.json"
+    run = subprocess.run([sys.executable, str(ROOT / "examples" / "chat_session.py"), "--base-url", base,
+                          "--turns", "8", "--user-tokens", "30", "--reply-tokens", "12", "--ignore-eos",
+                          "--text", "random", "--system-prompt", "You are a helpful assistant.",
+                          "--out", str(tmp_path), "--json", str(out)],
+                         capture_output=True, text=True, env=_env(), timeout=300)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "turn   8 |" in run.stdout and "served from the prefix cache" in run.stdout
+    turns = json.loads(out.read_text())["turns"]
+    assert len(turns) == 8 and turns[0]["cached_tokens"] == 0
+    assert all(t["completion_tokens"] == 12 for t in turns)
+    last = turns[-1]
+    assert last["prompt_tokens"] + last["completion_tokens"] > 2 * CONTEXT  # well past the context
+    for t in turns[2:]:  # turn 2 resumes from a 3-block prompt; later turns from long histories
+        assert t["hit_share"] > 0.5, t
+        assert t["prompt_tokens"] - t["cached_tokens"] < 150, t  # this turn's new text + a block
+    assert sum(t["hit_share"] for t in turns[1:]) / 7 > 0.6
+    assert (tmp_path / "turns.png").exists()
 
 
 def test_cli_flags_in_help_and_bad_values_refused(tiny_llama):
