@@ -44,6 +44,7 @@ from .pool import EvictionCursor
 logger = logging.getLogger("sglang.streaming_sink")
 
 CHECKED_SGLANG_VERSIONS = ("0.5.23",)
+RADIX_BACKEND = "streaming-sink"  # our radix cache, under SGLang's --radix-cache-backend registry
 TRACE_ENV = "SGLANG_SINK_TRACE"  # diagnostics: JSON lines of KV slots in use, per step
 _installed = False
 _active: SinkPolicy | None = None  # the policy of this scheduler process's model
@@ -112,6 +113,11 @@ def install() -> None:
     for target, (kind, name) in _TARGETS.items():
         if checked or target in _FLAG_TARGETS:  # other versions: flags only, which refuse
             HookRegistry.register(target, globals()[name], HookType[kind])
+    if checked:  # SGLang's public registry of radix caches (touch point 8)
+        from sglang.srt.mem_cache.registry import get_radix_cache_factory, register_radix_cache_backend
+
+        if get_radix_cache_factory(RADIX_BACKEND) is None:
+            register_radix_cache_backend(RADIX_BACKEND, _radix_cache)
     # Not through HookRegistry: it would also rebind every module's ``ServerArgs``
     # name to our function. A plain function attribute: Engine calls it as a method.
     from sglang.srt.entrypoints.engine import Engine
@@ -190,14 +196,31 @@ def _streaming_defaults(sa) -> None:
     ) if bad]
     if refused:
         raise PolicyConfigError(f"--kv-policy streaming-sink does not support {'; '.join(refused)}")
+    radix = not getattr(sa, "disable_radix_cache", False)
+    if radix:  # the radix cache stays on (SGLang's default): ours, with tombstones (radix.py)
+        other = [flag for flag, bad in (
+            (f"--radix-cache-backend {getattr(sa, 'radix_cache_backend', None)!r}",
+             getattr(sa, "radix_cache_backend", None) not in (None, RADIX_BACKEND)),
+            ("--enable-lmcache", bool(getattr(sa, "enable_lmcache", False))),
+            ("--enable-flexkv", bool(getattr(sa, "enable_flexkv", False))),
+            ("--enable-unified-cache-external-linker",
+             bool(getattr(sa, "enable_unified_cache_external_linker", False))),
+        ) if bad]
+        if other:
+            raise PolicyConfigError(
+                f"--kv-policy streaming-sink runs the radix cache as its own backend "
+                f"({RADIX_BACKEND!r}: tombstones for the recycled gap); it does not support "
+                f"{'; '.join(other)}. Drop it, or add --disable-radix-cache")
+        sa.radix_cache_backend = RADIX_BACKEND
     sa.page_size = 1
-    sa.disable_radix_cache = True  # slots past the window hold window-relative positions
     sa.disable_overlap_schedule = True  # frees happen between steps, never under a running batch
     sa.disable_hybrid_swa_memory = True  # one pool: a layer's own window is an attention mask here
     # --attention-backend is left as given (GPT-OSS insists on a name from its list): our
     # backend replaces whatever SGLang builds from it (touch point 2).
-    logger.info("streaming-sink: radix cache, overlap schedule and hybrid SWA memory off; "
-                "the streaming-sink attention backend replaces %s", sa.attention_backend or "the default")
+    logger.info("streaming-sink: radix cache %s; overlap schedule and hybrid SWA memory off; "
+                "the streaming-sink attention backend replaces %s",
+                f"on (backend {RADIX_BACKEND!r}: the recycled gap as tombstones)" if radix
+                else "off (--disable-radix-cache)", sa.attention_backend or "the default")
     if kw["context_length"] is None:
         sa.context_length = sink_config.DEFAULT_STREAM_LEN
     if kw["max_running_requests"] is None:
@@ -392,12 +415,13 @@ def _evict(original, batch):
         done = min(done, kv.kv_committed_len)
         entry = _cursors.get(id(kv))
         if entry is None or entry[0] is not kv:
-            entry = _cursors[id(kv)] = (kv, EvictionCursor(_active))
+            # A resumed request owns its row from the tree's prefix on: [0, h) is shared.
+            entry = _cursors[id(kv)] = (kv, EvictionCursor(_active, kv.cache_protected_len))
         span = entry[1].advance(_active, done)
         if span is not None:
             allocator.free(rows[kv.req_pool_idx, span[0]:span[1]])
-        trace[req.rid] = kv.kv_allocated_len - entry[1].freed
-    _trace(allocator, step=trace)
+        trace[req.rid] = entry[1].held(kv.kv_allocated_len)
+    _trace(allocator, getattr(batch, "tree_cache", None), step=trace)
 
 
 def _free_kv_row(original, cache, kv, ranges):
@@ -407,15 +431,39 @@ def _free_kv_row(original, cache, kv, ranges):
     return original(cache, kv, ranges)
 
 
-def _trace(allocator, **record) -> None:
-    """One JSON line per step (before its allocation): slots each request holds and
+def freed_range(kv) -> tuple[int, int]:
+    """Row positions ``[lo, hi)`` of ``kv`` the policy already gave back (radix.py
+    inserts them as tombstones)."""
+    entry = _cursors.get(id(kv))
+    if entry is None or entry[0] is not kv:
+        return 0, 0
+    return entry[1].start, entry[1].freed_to
+
+
+def _trace(allocator, tree=None, **record) -> None:
+    """One JSON line per step (before its allocation): slots each request holds of its
+    own, live slots the radix tree holds (``tree``: shared, locked or evictable) and
     slots in use in SGLang's allocator. Frees inside SGLang's free groups land at the
     group's end, so an idle engine's next step shows what came back."""
     path = os.environ.get(TRACE_ENV)
     if path:
         record["used"] = allocator.size - allocator.available_size()
+        record["tree"] = (tree.evictable_size() + tree.protected_size()) if tree is not None else 0
         with open(path, "a") as f:
             f.write(json.dumps(record) + "\n")
+
+
+# ---- 8: the radix cache (scheduler process) ---------------------------------
+
+def _radix_cache(ctx):
+    """``--radix-cache-backend streaming-sink`` (set by apply_flags when the radix
+    cache is on): SGLang's ``RadixCache`` with the recycled gap as tombstones."""
+    from .radix import make_cache_class
+
+    policy = sink_config.policy_of(ctx.server_args)
+    if policy is None:
+        raise PolicyConfigError(f"--radix-cache-backend {RADIX_BACKEND} needs --kv-policy streaming-sink")
+    return make_cache_class()(ctx.params, policy, freed_range)
 
 
 # ---- 6: a request's KV demand is its live bound ------------------------------

@@ -72,3 +72,15 @@ def trace_path(tmp_path_factory) -> Path:
     path.write_text("")
     os.environ["SGLANG_SINK_TRACE"] = str(path)  # read by the scheduler at every step
     return path
+
+
+def flush(engine, tries: int = 100) -> None:
+    """SGLang flushes the radix tree (and its pools) only when fully idle: retry until then."""
+    import time
+
+    for _ in range(tries):
+        out = engine.flush_cache()
+        if getattr(out, "success", out):
+            return
+        time.sleep(0.1)
+    raise AssertionError("the engine never went idle for flush_cache")

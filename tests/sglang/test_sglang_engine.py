@@ -13,7 +13,7 @@ import torch
 
 from conftest import CONTEXT
 from oracle import OracleLlama
-from sglang_helpers import CHUNK, TOL, S, Trace, W, engine_args, greedy, \
+from sglang_helpers import CHUNK, TOL, S, Trace, W, engine_args, flush, greedy, \
     prompt_logprobs, random_ids, trace_path
 
 from streaming_sink.policy import SinkPolicy
@@ -87,15 +87,22 @@ def test_kv_slots_bounded_and_all_returned(engine, trace):
     # three decode together; an extend step lists only its own requests.
     together = [r for r in records if len(r["step"]) == len(prompts)]
     assert len(together) > n_new // 2
-    assert all(r["used"] == sum(r["step"].values()) for r in together)
-    assert max(r["used"] for r in records) <= len(prompts) * BOUND
+    # (+ the live slots the radix tree holds: shared prefixes, finished requests' KV)
+    assert all(r["used"] == sum(r["step"].values()) + r["tree"] for r in together)
+    assert max(r["used"] - r["tree"] for r in records) <= len(prompts) * BOUND
     peak = max(held)
     print(f"KV slots per request before a step's allocation: peak {peak} (S + W = {S + W}); "
           f"with the step's own slots <= {peak + CHUNK}, bound {BOUND}; without eviction up to {1300 + n_new}")
     # Before a step allocates, a streaming request holds exactly its sinks and window
     # (the window's newest key is the step's own token): everything older went back.
     assert peak == S + W and peak + CHUNK <= BOUND
-    # A probe once they are done: before its own allocation, the pool is empty again.
+    # A probe once they are done: before its own allocation, the pool holds only what the
+    # radix tree keeps (live sinks + windows, evictable); after a flush, nothing.
+    trace.clear()
+    greedy(engine, [[5, 6]], 1)
+    rec = trace.records()[0]
+    assert rec["used"] == rec["tree"]
+    flush(engine)
     trace.clear()
     greedy(engine, [[5, 6]], 1)
     assert trace.records()[0]["used"] == 0
