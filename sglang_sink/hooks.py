@@ -26,6 +26,17 @@ Hooks go through SGLang's own ``HookRegistry`` (AROUND/AFTER), applied by
    SGLang's ignore-eos estimate assumes every generated token stays in the pool).
 7. ``TpModelWorker.get_worker_info``: the longest request is ``--context-length``, not
    the KV pool's size (SGLang caps both; only the first still applies with the policy on).
+8. The radix cache (prefix reuse), on unless ``--disable-radix-cache``: registered with
+   SGLang's public ``mem_cache.registry.register_radix_cache_backend`` as
+   ``streaming-sink`` and selected by setting ``--radix-cache-backend`` (a default only:
+   another backend, LMCache, FlexKV or the unified-cache linker is refused, naming the
+   flag). The cache, ``radix.py``, subclasses ``mem_cache.radix_cache.RadixCache`` and
+   relies on its ``_match_prefix_helper``, ``_insert_helper``, ``_delete_leaf``,
+   ``inc_lock_ref`` / ``dec_lock_ref``, ``evictable_leaves``, ``eviction_strategy``,
+   ``evictable_size_``, ``root_node``, ``_empty_match_result``, ``kv_events``, on
+   ``ReqKvInfo.cache_protected_len`` / ``cache_inserted_len`` and on ``RadixKey`` slicing
+   (``_RADIX_NAMES``, checked at startup like the hook targets). Touch points 4/5 take
+   ``cache_protected_len`` as the start of what a request owns.
 """
 
 from __future__ import annotations
@@ -87,11 +98,36 @@ def check_version() -> None:
             f"(pip install 'streaming-sink[sglang]') or run without --kv-policy.")
 
 
+_RADIX_NAMES = {  # what radix.py uses of SGLang's RadixCache (touch point 8)
+    "sglang.srt.mem_cache.radix_cache.RadixCache": (
+        "_match_prefix_helper", "_insert_helper", "_delete_leaf", "_split_node", "inc_lock_ref",
+        "dec_lock_ref", "path_device_indices", "insert", "lock", "unlock", "reset"),
+    "sglang.srt.mem_cache.registry": ("register_radix_cache_backend", "get_radix_cache_factory"),
+    "sglang.srt.mem_cache.base_prefix_cache": ("MatchResult", "InsertParams", "EvictResult"),
+}
+
+
+def _missing_radix_names() -> list[str]:
+    import importlib
+
+    missing = []
+    for where, names in _RADIX_NAMES.items():
+        module, _, cls = where.rpartition(".") if where.endswith("RadixCache") else (where, "", "")
+        try:
+            obj = importlib.import_module(module)
+            obj = getattr(obj, cls) if cls else obj
+        except (ImportError, AttributeError):
+            missing.append(where)
+            continue
+        missing += [f"{where}.{n}" for n in names if not hasattr(obj, n)]
+    return missing
+
+
 def check_hooks_applied() -> None:
     """HookRegistry logs and skips a target it cannot patch; we refuse to start instead."""
     from sglang.srt.plugins.hook_registry import HookRegistry
 
-    missing = [t for t in _TARGETS if t not in HookRegistry._patched]
+    missing = [t for t in _TARGETS if t not in HookRegistry._patched] + _missing_radix_names()
     if missing:
         raise PolicyConfigError(
             f"--kv-policy streaming-sink: SGLang {sglang_version()} lacks {', '.join(missing)}")

@@ -79,3 +79,27 @@ def test_gptoss_concurrent_greedy_decode_matches_oracle(engine, oracle):
         diff = (got - want).abs()
         print(f"GPT-OSS greedy, prompt {len(prompt)} + {n_new}: max |engine - oracle| = {diff.max():.3g}")
         assert diff.max().item() < TOL, f"prompt {len(prompt)}: max diff {diff.max():.3g} at step {diff.argmax()}"
+
+
+def test_gptoss_radix_cache_turns_match_oracle(engine, oracle):
+    """The radix cache (on by default) with learned sinks and sliding layers: a 3-turn
+    session, each turn served from the cache but its new message, equals the oracle."""
+    prompt, cached_want = random_ids(300, seed=60), 0
+    for turn in range(3):
+        [(gen, got)], cached = _greedy_cached(engine, prompt, 40)
+        assert cached == cached_want, f"turn {turn}: {cached} cached, want {cached_want}"
+        lp = oracle.logprobs(prompt + gen)[len(prompt) - 1:-1]
+        want = lp.gather(1, torch.tensor(gen)[:, None]).squeeze(1)
+        diff = (got - want).abs().max().item()
+        print(f"GPT-OSS radix turn {turn}: prompt {len(prompt)}, cached {cached}, max diff {diff:.3g}")
+        assert diff < TOL
+        cached_want = len(prompt) + len(gen) - 1
+        prompt = prompt + gen + random_ids(30, seed=61 + turn)
+
+
+def _greedy_cached(engine, prompt, n):
+    out = engine.generate(input_ids=[prompt], sampling_params={
+        "max_new_tokens": n, "temperature": 0, "ignore_eos": True}, return_logprob=True)[0]
+    lp = out["meta_info"]["output_token_logprobs"]
+    return ([([t for _, t, _ in lp], torch.tensor([x for x, _, _ in lp], dtype=torch.float64))],
+            out["meta_info"]["cached_tokens"])

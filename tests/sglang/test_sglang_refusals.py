@@ -25,6 +25,9 @@ LAUNCHER = [sys.executable, "-m", "sglang.launch_server"]
     (dict(kv_cache_dtype="fp8_e4m3"), "--kv-cache-dtype"),
     (dict(chunked_prefill_size=-1), "--chunked-prefill-size"),
     (dict(page_size=16), "--page-size"),
+    # The radix cache is ours with the policy: another tree backend is refused, not overridden.
+    (dict(radix_cache_backend="foo"), "--radix-cache-backend"),
+    (dict(enable_lmcache=True), "--enable-lmcache"),
 ])
 def test_bad_config_refused_at_startup(tiny_llama_128, kwargs, flag):
     import sglang
