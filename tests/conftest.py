@@ -21,3 +21,11 @@ def tiny_llama(tmp_path_factory) -> str:
     from tiny_models import build_tiny_llama
 
     return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3(tmp_path_factory) -> str:
+    """A tiny random Qwen3 (q/k RMSNorm before RoPE), built once."""
+    from tiny_models import build_tiny_qwen3
+
+    return build_tiny_qwen3(tmp_path_factory.mktemp("tiny-qwen3"))

@@ -267,8 +267,9 @@ class StepOracle:
 
 
 class OracleLlama(StepOracle):
-    """An HF ``LlamaForCausalLM`` folder (config.json + safetensors) run one token at a
-    time in float64 with a PRE-RoPE KV cache, attention under the contract.
+    """An HF ``LlamaForCausalLM`` or ``Qwen3ForCausalLM`` folder (config.json +
+    safetensors) run one token at a time in float64 with a PRE-RoPE KV cache,
+    attention under the contract (Qwen3: q/k RMSNorm per head before RoPE).
 
     ``sink_tokens=None``: policy off (plain dense causal; positions unbounded, so
     streams longer than ``max_position_embeddings`` just keep counting).
@@ -323,7 +324,9 @@ class OracleLlama(StepOracle):
                 bo=w.get(p + "self_attn.o_proj.bias", z(self.hidden)),
                 wgu=wgu.T.contiguous(), bgu=bgu, inter=inter,
                 wd=w[p + "mlp.down_proj.weight"].T.contiguous(),
-                bd=w.get(p + "mlp.down_proj.bias", z(self.hidden))))
+                bd=w.get(p + "mlp.down_proj.bias", z(self.hidden)),
+                # Qwen3: per-head RMSNorm of q and k, before RoPE (None: Llama)
+                qn=w.get(p + "self_attn.q_norm.weight"), kn=w.get(p + "self_attn.k_norm.weight")))
         self.scale = self.head_dim ** -0.5
         self.reset()
 
@@ -353,6 +356,8 @@ class OracleLlama(StepOracle):
             q = qkv[: hq * d].view(hq, d)
             k = qkv[hq * d: (hq + hkv) * d].view(hkv, d)
             v = qkv[(hq + hkv) * d:].view(hkv, d)
+            if L["qn"] is not None:
+                q, k = self._rms(q, L["qn"]), self._rms(k, L["kn"])
             self.k_cache[li, t] = k  # pre-RoPE
             self.v_cache[li, t] = v
             keys = rot(self.k_cache[li, idx], ck, sk)  # [n, Hkv, D], rotated fresh every step

@@ -20,9 +20,9 @@ def _random_ids(n, seed=0):
 
 
 def _hf(path, dtype=torch.float64, **kw):
-    from transformers import LlamaForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    return LlamaForCausalLM.from_pretrained(path, dtype=dtype, **kw).eval()
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kw).eval()
 
 
 @torch.no_grad()
@@ -192,6 +192,25 @@ def test_streaming_one_layer_equals_hf_on_kept_tokens(tmp_path):
         a = o.contract.query(t)
         assert a.streaming == (t >= 64)
         want = _hf_logprobs(hf, [ids[k] for k in a.keys])[-1]
+        torch.testing.assert_close(got[t], want, rtol=0, atol=TOL)
+
+
+def test_qwen3_policy_off_equals_hf(tiny_qwen3):
+    """Qwen3's per-head q/k RMSNorm before RoPE, as HF computes it."""
+    ids = [BOS_ID] + _random_ids(TINY_LLAMA_CONFIG["max_position_embeddings"] - 1, seed=3)
+    torch.testing.assert_close(OracleLlama(tiny_qwen3).logprobs(ids), _hf_logprobs(_hf(tiny_qwen3), ids),
+                               rtol=0, atol=TOL)
+
+
+def test_qwen3_streaming_one_layer_equals_hf_on_kept_tokens(tmp_path):
+    from tiny_models import build_tiny_qwen3
+
+    path = build_tiny_qwen3(tmp_path / "qwen3-one-layer", seed=2, num_hidden_layers=1)
+    o = OracleLlama(path, sink_tokens=4, window_tokens=32, block_size=16)
+    ids = _random_ids(400, seed=8)
+    got, hf = o.logprobs(ids), _hf(path)
+    for t in (63, 64, 80, 97, 399):
+        want = _hf_logprobs(hf, [ids[k] for k in o.contract.query(t).keys])[-1]
         torch.testing.assert_close(got[t], want, rtol=0, atol=TOL)
 
 

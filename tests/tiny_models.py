@@ -105,24 +105,39 @@ def build_tiny_llama(path: str | os.PathLike, seed: int = 0, **overrides) -> str
     """
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    return _build_llama_like(path, seed, overrides, LlamaConfig, LlamaForCausalLM)
+
+
+def build_tiny_qwen3(path: str | os.PathLike, seed: int = 0, **overrides) -> str:
+    """A tiny random ``Qwen3ForCausalLM``: the Llama shape plus per-head q/k RMSNorm
+    before RoPE, with norm weights far from 1 (0.4-1.6) so a skipped norm shows."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    return _build_llama_like(path, seed, overrides, Qwen3Config, Qwen3ForCausalLM,
+                             extra=dict(attention_bias=False, use_sliding_window=False))
+
+
+def _build_llama_like(path, seed, overrides, config_cls, model_cls, extra=None) -> str:
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     qk_std = overrides.pop("qk_std", QK_STD)
     lm_head_std = overrides.pop("lm_head_std", LM_HEAD_STD)
     vo_std = overrides.pop("vo_std", VO_STD)
-    cfg = {**TINY_LLAMA_CONFIG, **overrides}
+    cfg = {**TINY_LLAMA_CONFIG, **(extra or {}), **overrides}
     theta = cfg.pop("rope_theta")
-    config = LlamaConfig(**cfg, rope_parameters={"rope_type": "default", "rope_theta": theta},
-                         dtype="float32", architectures=["LlamaForCausalLM"])
+    config = config_cls(**cfg, rope_parameters={"rope_type": "default", "rope_theta": theta},
+                        dtype="float32", architectures=[model_cls.__name__])
     g = torch.Generator().manual_seed(seed)
 
     def normal(shape, std):
         return torch.randn(shape, generator=g, dtype=torch.float32) * std
 
-    model = LlamaForCausalLM(config).float()
+    model = model_cls(config).float()
     with torch.no_grad():
         for name, p in model.named_parameters():  # named_parameters order is deterministic
-            if name.endswith("norm.weight"):
+            if name.endswith(("q_norm.weight", "k_norm.weight")):
+                p.copy_(0.4 + 1.2 * torch.rand(p.shape, generator=g))
+            elif name.endswith("norm.weight"):
                 p.copy_(1.0 + normal(p.shape, 0.1))
             elif name.endswith(("q_proj.weight", "k_proj.weight")):
                 p.copy_(normal(p.shape, qk_std))
