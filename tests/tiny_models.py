@@ -250,6 +250,81 @@ def build_tiny_gptoss(path: str | os.PathLike, seed: int = 0, **overrides) -> st
     return str(path)
 
 
+# ---- a tiny random Gemma 3 (text only) ---------------------------------------
+# Gemma 3's layer mix at small scale: sliding (own window 32, local RoPE base) /
+# global (full attention, its own RoPE base) / sliding, q/k RMSNorm (x * (1 + w)),
+# query_pre_attn_scalar != head_dim, sqrt(hidden)-scaled tied embeddings, sandwich
+# norms, gelu-tanh MLP, and an active final logit soft-cap.
+TINY_GEMMA3_CONFIG = dict(
+    vocab_size=VOCAB_SIZE,
+    hidden_size=128,
+    intermediate_size=256,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=32,
+    layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+    sliding_window=32,
+    max_position_embeddings=256,
+    rope_theta=1_000_000.0,  # global layers (Gemma 3's)
+    rope_local_base_freq=10_000.0,  # sliding layers (Gemma 3's)
+    query_pre_attn_scalar=48,  # scale 48**-0.5, not head_dim**-0.5: a wrong scale shows
+    final_logit_softcapping=8.0,  # Gemma 3 ships none; active here so the oracle's cap is checked
+    rms_norm_eps=1e-6,
+    tie_word_embeddings=True,
+    bos_token_id=BOS_ID,
+    eos_token_id=EOS_ID,
+    pad_token_id=UNK_ID,
+)
+
+
+def build_tiny_gemma3(path: str | os.PathLike, seed: int = 0, **overrides) -> str:
+    """Write a tiny random text-only ``Gemma3ForCausalLM`` folder; returns ``str(path)``.
+
+    Default shape (``TINY_GEMMA3_CONFIG``): 3 layers (sliding 32 / full / sliding 32),
+    hidden 128, 4 query / 2 KV heads of 32, ``max_position_embeddings`` 256, RoPE base
+    1e6 on the full layer and 1e4 on the sliding ones, tied embeddings scaled by
+    sqrt(128) on input, final logits soft-capped at 8. Norm weights are stored as Gemma
+    stores them (the norm multiplies by ``1 + w``); q/k norms give factors 0.4-1.6.
+    ``overrides`` replace config entries; special key ``qk_std``.
+    """
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    qk_std = overrides.pop("qk_std", QK_STD)
+    cfg = {**TINY_GEMMA3_CONFIG, **overrides}
+    rope_parameters = {"full_attention": {"rope_type": "default", "rope_theta": cfg.pop("rope_theta")},
+                       "sliding_attention": {"rope_type": "default", "rope_theta": cfg.pop("rope_local_base_freq")}}
+    cfg["layer_types"] = list(cfg["layer_types"])[: cfg["num_hidden_layers"]]
+    config = Gemma3TextConfig(**cfg, rope_parameters=rope_parameters, dtype="float32",
+                              architectures=["Gemma3ForCausalLM"])
+    g = torch.Generator().manual_seed(seed)
+
+    def normal(shape, std):
+        return torch.randn(shape, generator=g, dtype=torch.float32) * std
+
+    model = Gemma3ForCausalLM(config).float()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("q_norm.weight", "k_norm.weight")):
+                p.copy_(-0.6 + 1.2 * torch.rand(p.shape, generator=g))  # factors 1 + w in [0.4, 1.6]
+            elif name.endswith("norm.weight"):
+                p.copy_(normal(p.shape, 0.1))  # factors 1 + w around 1
+            elif name.endswith(("q_proj.weight", "k_proj.weight")):
+                p.copy_(normal(p.shape, qk_std))
+            elif name.endswith(("v_proj.weight", "o_proj.weight")):
+                p.copy_(normal(p.shape, VO_STD))
+            elif name.endswith("embed_tokens.weight"):
+                # tied: the LM head reads it unscaled, the input is scaled by sqrt(128)
+                p.copy_(normal(p.shape, LM_HEAD_STD))
+            else:
+                p.copy_(normal(p.shape, 0.04))
+    model.save_pretrained(str(path), safe_serialization=True)
+    build_tokenizer(path, config.vocab_size)
+    return str(path)
+
+
 if __name__ == "__main__":  # python tests/tiny_models.py /tmp/tiny-llama
     import sys
 
