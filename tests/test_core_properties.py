@@ -171,6 +171,19 @@ def test_longest_hit_is_the_longest_resumable_prefix(pc, data):
     assert len(probed) == len(set(probed)) and all(0 <= b < n for b in probed)
 
 
+@SETTINGS
+@given(st.integers(0, 12), st.integers(1, 12), st.data())
+def test_sglang_token_rule_is_the_block_rule(S, W, data):
+    """SGLang's radix match (tokens = blocks of 1, vectorised over tombstones) resumes
+    where ``SinkPolicy.longest_hit`` says, for any pattern of freed slots."""
+    from sglang_sink.radix import TOMBSTONE, longest_valid_prefix
+
+    p = SinkPolicy(S, W, 1)
+    live = data.draw(st.lists(st.booleans(), max_size=3 * (S + W) + 5), label="live slots")
+    values = torch.tensor([7 if x else TOMBSTONE for x in live], dtype=torch.int64)
+    assert longest_valid_prefix(values, p) == p.longest_hit(len(live), lambda b: live[b])
+
+
 @given(st.integers(-50, -1), block_sizes)
 @settings(max_examples=20, deadline=None)
 def test_config_errors(neg, bs):
