@@ -258,6 +258,7 @@ def plot(turns: list[dict], path: Path, title: str) -> None:
     fig, ax = plt.subplots(figsize=(6.4, 3.6), dpi=100)
     ax.plot(xs, [t["ttft_s"] for t in turns], "o-", color="tab:blue", ms=3, label="time to first token")
     ax.set_xlabel("turn")
+    ax.xaxis.get_major_locator().set_params(integer=True)
     ax.set_ylabel("TTFT (s)")
     ax.set_ylim(0, max(t["ttft_s"] for t in turns) * 1.15)
     ax2 = ax.twinx()
@@ -446,7 +447,9 @@ def summarize(turns: list[dict], args, ctx: int | None, out: Path, model: str) -
               f"the prefix cache on average (lowest {100 * min(hits):.0f}%)")
     print(f"TTFT     turn 1 {turns[0]['ttft_s']:.2f} s; turns 2-{len(turns)}: median {ttft[len(ttft) // 2]:.2f} s, "
           f"max {ttft[-1]:.2f} s; last turn {last['ttft_s']:.2f} s")
-    settings = dict(model=model, context=ctx, sink_tokens=args.sink_tokens, sink_window=args.sink_window,
+    started = not args.base_url  # with --base-url the server's own policy flags are unknown here
+    settings = dict(model=model, context=ctx, sink_tokens=args.sink_tokens if started else None,
+                    sink_window=args.sink_window if started else None,
                     user_tokens=args.user_tokens, reply_tokens=args.reply_tokens, text=args.text,
                     system_prompt=args.system_prompt, system_prompt_as_sink=args.system_prompt_as_sink,
                     temperature=args.temperature, ignore_eos=args.ignore_eos, base_url=args.base_url)
@@ -463,7 +466,8 @@ def summarize(turns: list[dict], args, ctx: int | None, out: Path, model: str) -
     png = out / "turns.png"
     plot(turns, png, f"{len(turns)}-turn chat, {total:,} tokens"
                      + (f" ({total / ctx:.1f}x the context)" if ctx else "")
-                     + f"\nstreaming-sink S={args.sink_tokens}, W={args.sink_window}")
+                     + (f"\nserver {args.base_url}" if args.base_url
+                        else f"\nstreaming-sink S={args.sink_tokens}, W={args.sink_window}"))
     print(f"written  {out / 'turns.json'}, {out / 'turns.csv'}, {png}"
           + ("" if args.base_url else f", {out / 'server.log'}"))
 
