@@ -46,3 +46,11 @@ def tiny_llama_128(tmp_path_factory) -> str:
     from tiny_models import build_tiny_llama
 
     return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama-128"), max_position_embeddings=CONTEXT)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3_128(tmp_path_factory) -> str:
+    """The tiny random Qwen3 (q/k RMSNorm before RoPE) with a 128-position context."""
+    from tiny_models import build_tiny_qwen3
+
+    return build_tiny_qwen3(tmp_path_factory.mktemp("tiny-qwen3-128"), max_position_embeddings=CONTEXT)

@@ -1,6 +1,8 @@
 """The real ``sglang.Engine`` (CPU) with kv_policy="streaming-sink", against the oracle.
 
-Tiny random Llama, max_position_embeddings 128; S=4, W=64, SGLang page size 1, so
+Tiny random Llama and Qwen3 (the same shape plus q/k RMSNorm before RoPE: SGLang's
+Qwen3 normalises q/k, then calls its rotary op with the positions we remap; its aiter
+fused norm+RoPE path is ROCm-only), max_position_embeddings 128; S=4, W=64, SGLang page size 1, so
 the dense regime ends at token 69 and every stream here is 8-16x the context.
 The KV pool (2048 slots) is smaller than what these streams would hold without
 eviction, so they also show that the slots really go back to SGLang's allocator.
@@ -27,11 +29,16 @@ def trace(tmp_path_factory):
     return Trace(trace_path(tmp_path_factory))
 
 
+@pytest.fixture(scope="module", params=["llama", "qwen3"])
+def model(request) -> str:
+    return request.getfixturevalue(f"tiny_{request.param}_128")
+
+
 @pytest.fixture(scope="module")
-def engine(tiny_llama_128, trace):
+def engine(model, trace):
     import sglang
 
-    eng = sglang.Engine(**engine_args(tiny_llama_128))
+    eng = sglang.Engine(**engine_args(model))
     try:
         yield eng
     finally:
@@ -39,11 +46,11 @@ def engine(tiny_llama_128, trace):
 
 
 @pytest.fixture(scope="module")
-def oracle(tiny_llama_128):
-    return OracleLlama(tiny_llama_128, sink_tokens=S, window_tokens=W, block_size=1)
+def oracle(model):
+    return OracleLlama(model, sink_tokens=S, window_tokens=W, block_size=1)
 
 
-def test_teacher_forced_prompt_logprobs_match_oracle(engine, oracle, tiny_llama_128):
+def test_teacher_forced_prompt_logprobs_match_oracle(engine, oracle, model):
     # 8x the context in 100-token chunks: the first chunk crosses the
     # dense->streaming switch at token 69, later chunk edges fall anywhere.
     ids = random_ids(8 * CONTEXT, seed=1)
@@ -53,7 +60,7 @@ def test_teacher_forced_prompt_logprobs_match_oracle(engine, oracle, tiny_llama_
     print(f"prompt logprobs, {len(ids)} tokens: max |engine - oracle| = {diff.max():.3g}")
     assert diff.max().item() < TOL, f"max diff {diff.max():.3g} at token {diff.argmax() + 1}"
     # Not a vacuous match: past the window, dense attention gives other numbers.
-    dense = OracleLlama(tiny_llama_128, sink_tokens=None)
+    dense = OracleLlama(model, sink_tokens=None)
     tail = slice(POLICY.dense_tokens, CONTEXT - 1)
     assert (dense.token_logprobs(ids[:CONTEXT])[tail] - want[tail]).abs().max() > 1e-2
 
@@ -108,8 +115,8 @@ def test_kv_slots_bounded_and_all_returned(engine, trace):
     assert trace.records()[0]["used"] == 0
 
 
-def test_below_the_window_is_dense_attention(engine, tiny_llama_128):
+def test_below_the_window_is_dense_attention(engine, model):
     """Queries before token S + W + 1 compute plain causal attention."""
     ids = random_ids(POLICY.dense_tokens, seed=5)
-    want = OracleLlama(tiny_llama_128, sink_tokens=None).token_logprobs(ids)
+    want = OracleLlama(model, sink_tokens=None).token_logprobs(ids)
     assert (prompt_logprobs(engine, ids) - want).abs().max().item() < TOL

@@ -23,11 +23,23 @@ HERE = Path(__file__).parent
 
 
 @pytest.fixture(scope="module")
-def stock(tiny_llama_128) -> dict:
+def stock():
+    """Stock SGLang's outputs per model folder, each run once."""
+    runs: dict[str, dict] = {}
+
+    def run(model: str) -> dict:
+        if model not in runs:
+            runs[model] = _stock_run(model)
+        return runs[model]
+
+    return run
+
+
+def _stock_run(model: str) -> dict:
     env = {**os.environ, "SGLANG_PLUGINS": "__none__"}
     env.pop("SGLANG_SINK_TRACE", None)
     env["PYTHONPATH"] = os.pathsep.join([str(HERE), str(HERE.parent), env["PYTHONPATH"]])
-    out = subprocess.run([sys.executable, str(HERE / "stock_run.py"), tiny_llama_128], env=env,
+    out = subprocess.run([sys.executable, str(HERE / "stock_run.py"), model], env=env,
                          capture_output=True, text=True, timeout=400, start_new_session=True)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "streaming_sink" not in out.stderr  # the stock run really ran without us
@@ -35,20 +47,23 @@ def stock(tiny_llama_128) -> dict:
     return json.loads(line[len("RESULT "):])
 
 
-@pytest.mark.parametrize("kwargs", [
-    dict(policy=False),
+@pytest.mark.parametrize("model_name, kwargs", [
+    ("llama", dict(policy=False)),
     # Every request of the workload stays below S + W (window 123: the largest the 128-position
     # rotary table allows), so all rows are dense: torch_native's own SDPA, same numbers.
-    dict(sink_window=123),
-], ids=["policy off", "policy on, below the window"])
-def test_outputs_are_stock_sglang(tiny_llama_128, stock, kwargs):
+    ("llama", dict(sink_window=123)),
+    ("qwen3", dict(policy=False)),  # q/k RMSNorm: the plugin loaded, policy off, changes nothing
+], ids=["llama, policy off", "llama, policy on, below the window", "qwen3, policy off"])
+def test_outputs_are_stock_sglang(request, stock, model_name, kwargs):
     import sglang
 
-    engine = sglang.Engine(**engine_args(tiny_llama_128, **kwargs))
+    model = request.getfixturevalue(f"tiny_{model_name}_128")
+    engine = sglang.Engine(**engine_args(model, **kwargs))
     try:
         ours = workload(engine)
     finally:
         engine.shutdown()
-    assert ours["greedy"] == stock["greedy"]
-    assert ours["prompt_logprobs"] == stock["prompt_logprobs"]
+    want = stock(model)
+    assert ours["greedy"] == want["greedy"]
+    assert ours["prompt_logprobs"] == want["prompt_logprobs"]
     assert len(ours["greedy"][2]) == 60 and len(ours["prompt_logprobs"]) == 120
