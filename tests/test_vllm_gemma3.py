@@ -1,0 +1,249 @@
+"""Gemma 3 (sliding layers with their own window and RoPE base, global layers, q/k norms,
+sandwich norms, a final logit soft-cap) on the real vLLM engine (CPU build) with
+--kv-policy streaming-sink, against the Gemma 3 oracle (tests/oracle_gemma3.py).
+
+Tiny random Gemma3ForCausalLM (tests/tiny_models.py): layers sliding(32, RoPE base 1e4) /
+global (base 1e6) / sliding(32, base 1e4), max_position_embeddings 256, block 32, S=4,
+W=128: the dense regime ends at token 192 and every stream here is 16x the context.
+Under the policy the global layer becomes a sink+window layer, the sliding layers keep
+their own 32-token window; every layer rotates at positions inside the cache, each with
+its own rotary module's frequencies.
+
+What vLLM's Gemma 3 has that the backend refuses: nothing. vLLM 0.32's Gemma 3 hard-codes
+``attn_logits_soft_cap=None`` (Gemma 2's attention soft-cap is gone; HF 5.19 does not
+apply ``attn_logit_softcapping`` to Gemma 3 either), and ``final_logit_softcapping`` is
+applied by the logits processor, outside attention: the tiny model sets it to 8 and the
+engine matches the oracle's cap.
+
+All engines of this module live in module-scoped fixtures until the module ends:
+deleting an in-process vLLM engine tears down process-wide state other engines use.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from oracle_gemma3 import OracleGemma3
+from vllm_helpers import BS, S, W, SamplingParams, free_blocks, kv_manager, make_llm, prompt_logprobs, random_ids
+
+from streaming_sink.policy import PolicyConfigError, SinkPolicy
+
+CONTEXT = 256  # max_position_embeddings of the tiny Gemma 3
+SLIDING = 32  # its sliding layers' own window
+CHUNK = 200  # max_num_batched_tokens of make_llm
+POLICY = SinkPolicy(S, W, BS)
+TOL = 5e-4  # float32 engine vs float64 oracle, logprobs (measured < 1e-5 on 1024 tokens)
+
+
+@pytest.fixture(scope="module")
+def tiny_gemma3(tmp_path_factory) -> str:
+    from tiny_models import build_tiny_gemma3
+
+    return build_tiny_gemma3(tmp_path_factory.mktemp("tiny-gemma3"))
+
+
+def test_layer_window_longer_than_policy_window_refused(tmp_path):
+    """A sliding window that reaches past --sink-window is refused at startup, before
+    any engine is built (Gemma 3 270m: 512 needs --sink-window >= 512)."""
+    from tiny_models import build_tiny_gemma3
+
+    path = build_tiny_gemma3(tmp_path / "sw48", sliding_window=48)
+    with pytest.raises(PolicyConfigError, match=r"--sink-window >= 64"):
+        make_llm(path, sink_window=32)
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_gemma3):
+    engine = make_llm(tiny_gemma3)
+    yield engine
+    del engine
+
+
+@pytest.fixture(scope="module")
+def stock(tiny_gemma3, llm):
+    """Policy off, built after the policy engine in the same process."""
+    engine = make_llm(tiny_gemma3, policy=False)
+    yield engine
+    del engine
+
+
+@pytest.fixture(scope="module")
+def oracle(tiny_gemma3):
+    return OracleGemma3(tiny_gemma3, sink_tokens=S, window_tokens=W, block_size=BS)
+
+
+def _groups(llm):
+    """The engine's per-group KV managers, by kind: 'sink+window' or 'sliding'."""
+    from vllm.v1.core.single_type_kv_cache_manager import SlidingWindowManager
+
+    from vllm_sink.kv_manager import StreamingSinkManager
+
+    kinds = []
+    for m in kv_manager(llm).coordinator.single_type_managers:
+        if isinstance(m, StreamingSinkManager):
+            kinds.append(("sink+window", m))
+        elif isinstance(m, SlidingWindowManager):
+            assert m.kv_cache_spec.sliding_window == SLIDING
+            kinds.append(("sliding", m))
+        else:
+            raise AssertionError(f"unexpected KV manager {type(m).__name__}")
+    return kinds
+
+
+def _attention_layers(llm):
+    from vllm.model_executor.layers.attention import Attention
+
+    ctx = llm.llm_engine.vllm_config.compilation_config.static_forward_context
+    return {name: m for name, m in ctx.items() if isinstance(m, Attention)}
+
+
+# Most blocks one request may hold per group with a prefill chunk of CHUNK tokens in flight
+# (as for GPT-OSS): sink+window: sinks + window + current block + the chunk's blocks;
+# sliding: vLLM keeps tokens [n - sw + 1, n + chunk) of a request with n tokens computed.
+BOUND = {"sink+window": POLICY.max_live_blocks(CHUNK),
+         "sliding": math.ceil((SLIDING - 1 + CHUNK - 1) / BS) + 1}
+
+
+def test_engine_groups_use_the_policy_block_size(llm):
+    """Both KV group kinds exist, each with the policy's block size; the global layer is
+    the sink+window one."""
+    groups = _groups(llm)
+    assert sorted({k for k, _ in groups}) == ["sink+window", "sliding"]
+    assert all(m.kv_cache_spec.block_size == BS for _, m in groups)
+    sw = [m for k, m in groups if k == "sink+window"]
+    assert all(m.kv_cache_spec.sliding_window == W and m.kv_cache_spec.sink_tokens == S for m in sw)
+
+
+def test_each_layer_rotates_with_its_own_rope_base(llm, oracle):
+    """vLLM's Gemma 3 builds two rotary modules (base 1e4 for sliding layers, 1e6 for the
+    global one); the per-block query rotation of each layer uses its own module's
+    frequencies (read off that module's table as a pure rotation)."""
+    layers = _attention_layers(llm)
+    assert len(layers) == 3
+    seen = set()
+    for name, layer in sorted(layers.items()):
+        kind = oracle.layer_types[int(name.split("layers.")[1].split(".")[0])]
+        rope = layer.impl.rope
+        assert rope is not None and rope.rotary_dim == 32 and rope.is_neox_style
+        torch.testing.assert_close(rope.inv_freq.double().cpu(), oracle.inv_freq[kind], rtol=1e-5, atol=1e-9)
+        seen.add(kind)
+    assert seen == {"sliding_attention", "full_attention"}
+    a, b = (oracle.inv_freq[k] for k in ("sliding_attention", "full_attention"))
+    assert (a - b).abs().max() > 1e-2  # really two different tables
+
+
+def test_teacher_forced_prompt_logprobs_match_oracle(llm, oracle, tiny_gemma3):
+    # 16x the context in chunks of 200 tokens (one chunk crosses the switch at 192)
+    ids = random_ids(16 * CONTEXT, seed=1)
+    got = prompt_logprobs(llm, ids)
+    want = oracle.token_logprobs(ids)
+    diff = (got - want).abs()
+    print(f"\nteacher-forced {len(ids)} tokens: max |engine - oracle| = {diff.max():.3g} "
+          f"(dense part {diff[:POLICY.dense_tokens - 1].max():.3g})")
+    assert diff.max().item() < TOL, f"max |engine - oracle| = {diff.max():.3g} at token {diff.argmax() + 1}"
+    # The streaming regime really differs from the dense model (not a vacuous match).
+    dense = OracleGemma3(tiny_gemma3)
+    tail = slice(POLICY.dense_tokens, CONTEXT - 1)
+    assert (dense.token_logprobs(ids[:CONTEXT])[tail] - want[tail]).abs().max() > 1e-2
+
+
+def _run_stepwise(llm, requests, abort_at=None, logprobs=False):
+    """Step the engine; per group kind, the most blocks any request held after any step."""
+    engine = llm.llm_engine
+    for rid, (prompt, n) in requests.items():
+        engine.add_request(rid, {"prompt_token_ids": prompt}, SamplingParams(
+            max_tokens=n, temperature=0, ignore_eos=True, logprobs=0 if logprobs else None))
+    groups = _groups(llm)
+    peak = {k: 0 for k, _ in groups}
+    final, abort_at = {}, dict(abort_at or {})
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            final[out.request_id] = out
+        for kind, m in groups:
+            for blocks in m.req_to_blocks.values():
+                peak[kind] = max(peak[kind], sum(not b.is_null for b in blocks))
+        for rid, at in list(abort_at.items()):
+            if rid in final and len(final[rid].outputs[0].token_ids) >= at:
+                engine.abort_request([rid])
+                del abort_at[rid]
+    return peak, final
+
+
+def test_batched_decode_matches_oracle_with_bounded_blocks(llm, oracle):
+    """3 concurrent requests, 16x the context each: greedy tokens and their logprobs
+    match the oracle; every KV group stays bounded every step; all blocks return."""
+    start = free_blocks(llm)
+    n_new = 16 * CONTEXT
+    prompts = {f"r{n}": random_ids(n, seed=10 + n) for n in (37, 300, 700)}
+    peak, final = _run_stepwise(llm, {r: (p, n_new) for r, p in prompts.items()}, logprobs=True)
+    print(f"\npeak blocks per request: {peak} (bounds {BOUND}; no recycling: "
+          f"{math.ceil((700 + n_new) / BS)})")
+    for kind in BOUND:
+        assert peak[kind] <= BOUND[kind], (kind, peak, BOUND)
+    assert peak["sink+window"] > POLICY.sink_blocks + POLICY.window_blocks  # really used the window
+    assert free_blocks(llm) == start
+    for rid, prompt in prompts.items():
+        out = final[rid].outputs[0]
+        gen = list(out.token_ids)
+        assert len(gen) == n_new
+        got = torch.tensor([lp[t].logprob for lp, t in zip(out.logprobs, gen)], dtype=torch.float64)
+        lp = oracle.logprobs(prompt + gen)[len(prompt) - 1:-1]
+        want = lp.gather(1, torch.tensor(gen)[:, None]).squeeze(1)
+        diff = (got - want).abs()
+        print(f"{rid}: {n_new} decoded tokens, max |engine - oracle| = {diff.max():.3g}")
+        assert diff.max().item() < TOL, f"{rid}: max diff {diff.max():.3g} at step {diff.argmax()}"
+        top2 = lp.topk(2, dim=1).values
+        clear = (top2[:, 0] - top2[:, 1]) > 1e-3  # greedy = the oracle's argmax, up to near-ties
+        assert torch.equal(lp.argmax(1)[clear], torch.tensor(gen)[clear])
+
+
+def test_abort_mid_stream_returns_every_block(llm):
+    start = free_blocks(llm)
+    requests = {"keep": (random_ids(50, seed=3), 3 * CONTEXT), "drop": (random_ids(900, seed=4), 8 * CONTEXT)}
+    peak, final = _run_stepwise(llm, requests, abort_at={"drop": 2 * CONTEXT})
+    assert len(final["keep"].outputs[0].token_ids) == 3 * CONTEXT
+    assert 2 * CONTEXT <= len(final["drop"].outputs[0].token_ids) < 8 * CONTEXT
+    for kind in BOUND:
+        assert peak[kind] <= BOUND[kind], (kind, peak, BOUND)
+    assert free_blocks(llm) == start
+
+
+# ---- policy off: stock vLLM, and the policy's dense regime equals it -----------
+
+def test_policy_off_is_stock_vllm(tiny_gemma3, llm, stock):
+    """With the policy off the plugin is out of the path (vLLM's own CPU attention,
+    rotary and KV managers), and that stock engine computes the dense Gemma 3."""
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+    config = stock.llm_engine.vllm_config
+    assert "streaming_sink" not in (config.additional_config or {})
+    assert config.attention_config.backend != AttentionBackendEnum.CUSTOM
+    layers = _attention_layers(stock)
+    assert len(layers) == 3 and all(type(layer.impl).__module__.startswith("vllm.") for layer in layers.values())
+    assert [type(m).__name__ for m in kv_manager(stock).coordinator.single_type_managers].count(
+        "StreamingSinkManager") == 0
+    ids = random_ids(CONTEXT - 1, seed=5)
+    want = OracleGemma3(tiny_gemma3).token_logprobs(ids)
+    diff = (prompt_logprobs(stock, ids) - want).abs().max().item()
+    print(f"\nstock vLLM vs dense oracle, {len(ids)} tokens: max diff {diff:.3g}")
+    assert diff < TOL
+    # past the policy's dense regime the policy engine computes something else
+    assert (prompt_logprobs(llm, ids) - want)[POLICY.dense_tokens:].abs().max().item() > 1e-2
+
+
+def test_below_the_window_equals_policy_off(llm, stock):
+    prompts = [random_ids(n, seed=20 + n) for n in (5, 64, 120)]
+    params = SamplingParams(max_tokens=POLICY.dense_tokens - 121, temperature=0, ignore_eos=True, logprobs=0)
+    ours = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    theirs = stock.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    worst = 0.0
+    for a, b in zip(ours, theirs):
+        assert list(a.outputs[0].token_ids) == list(b.outputs[0].token_ids)
+        la = [d[t].logprob for d, t in zip(a.outputs[0].logprobs, a.outputs[0].token_ids)]
+        lb = [d[t].logprob for d, t in zip(b.outputs[0].logprobs, b.outputs[0].token_ids)]
+        worst = max(worst, max(abs(x - y) for x, y in zip(la, lb)))
+    print(f"\npolicy engine vs stock vLLM below the window: max logprob diff {worst:.3g}")
+    assert worst < TOL
