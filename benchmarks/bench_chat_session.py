@@ -25,12 +25,13 @@ Threads: each server runs with ``OMP_NUM_THREADS=1 VLLM_CPU_OMP_THREADS_BIND=nob
 only one engine computes at a time and the other core takes the API server, the client and the
 machine's other load. ``--pin`` binds server A to core 0 and B to core 1 instead (``taskset``).
 
-    .venv/bin/python benchmarks/bench_chat_session.py                      # the table, ~20-30 min a repeat
+    .venv/bin/python benchmarks/bench_chat_session.py --repeats 2          # docs/chat-sessions.md: 33 min
     .venv/bin/python benchmarks/bench_chat_session.py --turns 4 --out /tmp/chat   # a quick check
     .venv/bin/python benchmarks/bench_chat_session.py --repeats 3 --json out.json
 
-Server startup: ~1-2 min (both start at once; the first start ever adds torch.compile, 2-3 min).
-The caching-off side dominates the run: turn k re-prefills the whole history.
+Server startup: ~1-3 min (both start at once; a first start with new flags adds torch.compile).
+The caching-off side dominates the run: turn k re-prefills the whole history (~15 min a session on
+the loaded 2-core machine; the first 4 turns, ``--turns 4``, take ~1 min).
 """
 
 from __future__ import annotations
@@ -85,13 +86,14 @@ def median(xs):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", help="HF folder with a chat template (default: the embedded SmolLM2-135M-Instruct)")
-    ap.add_argument("--turns", type=int, default=40)
-    ap.add_argument("--user-tokens", type=int, default=300)
-    ap.add_argument("--reply-tokens", type=int, default=100)
-    ap.add_argument("--text", choices=["austen", "random"], default="austen")
+    ap.add_argument("--turns", type=int, default=40, help="turns a session (default 40: ~2x the context)")
+    ap.add_argument("--user-tokens", type=int, default=300, help="tokens of each user message (default 300)")
+    ap.add_argument("--reply-tokens", type=int, default=100, help="tokens of each reply, exactly (default 100)")
+    ap.add_argument("--text", choices=["austen", "random"], default="austen",
+                    help="user messages: Austen passages (default) or seeded random words")
     ap.add_argument("--book", default="emma")
-    ap.add_argument("--sink-tokens", type=int, default=4)
-    ap.add_argument("--sink-window", type=int, default=1024)
+    ap.add_argument("--sink-tokens", type=int, default=4, help="both servers (default 4)")
+    ap.add_argument("--sink-window", type=int, default=1024, help="both servers (default 1024)")
     ap.add_argument("--repeats", type=int, default=1, help="sessions, each a different stretch of the book "
                                                            "(default 1; medians per turn over them)")
     ap.add_argument("--pin", action="store_true", help="taskset server A (caching on) to core 0, B to core 1")
