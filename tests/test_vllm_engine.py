@@ -1,7 +1,8 @@
 """The real vLLM engine (CPU build) with --kv-policy streaming-sink, against the oracle.
 
-Tiny random Llama: max_position_embeddings 256, block 32, S=4, W=128, so the
-dense regime ends at token 192 and every stream here is 8-16x the context.
+Tiny random Llama and Qwen3 (the same shape plus q/k RMSNorm): max_position_embeddings
+256, block 32, S=4, W=128, so the dense regime ends at token 192 and every stream here
+is 8-16x the context.
 """
 
 from __future__ import annotations
@@ -20,29 +21,36 @@ POLICY = SinkPolicy(S, W, BS)
 TOL = 2e-4  # float32 engine vs float64 oracle, logprobs
 
 
+@pytest.fixture(scope="module", params=["llama", "qwen3"])
+def model(request) -> str:
+    """Every engine test runs on Llama and on Qwen3 (q/k RMSNorm before RoPE: the
+    norm must come before the rotation at pos(t), in vLLM's model and the oracle's)."""
+    return request.getfixturevalue(f"tiny_{request.param}")
+
+
 @pytest.fixture(scope="module")
-def llm(tiny_llama):
-    engine = make_llm(tiny_llama)
+def llm(model):
+    engine = make_llm(model)
     yield engine
     del engine
 
 
 @pytest.fixture(scope="module")
-def stock(tiny_llama, llm):
+def stock(model, llm):
     """A policy-off engine in the same process, built after the policy engine.
     Module-scoped on purpose: deleting an in-process vLLM engine tears down the
     process-wide distributed state (EngineCore.shutdown), which would break `llm`."""
-    engine = make_llm(tiny_llama, policy=False)
+    engine = make_llm(model, policy=False)
     yield engine
     del engine
 
 
 @pytest.fixture(scope="module")
-def oracle(tiny_llama):
-    return OracleLlama(tiny_llama, sink_tokens=S, window_tokens=W, block_size=BS)
+def oracle(model):
+    return OracleLlama(model, sink_tokens=S, window_tokens=W, block_size=BS)
 
 
-def test_teacher_forced_prompt_logprobs_match_oracle(llm, oracle, tiny_llama):
+def test_teacher_forced_prompt_logprobs_match_oracle(llm, oracle, model):
     # 8x the context in chunks of 200 tokens: chunk edges fall inside blocks
     # and one chunk crosses the dense->streaming switch at token 192.
     ids = random_ids(8 * CONTEXT, seed=1)
@@ -51,7 +59,7 @@ def test_teacher_forced_prompt_logprobs_match_oracle(llm, oracle, tiny_llama):
     diff = (got - want).abs()
     assert diff.max().item() < TOL, f"max |engine - oracle| = {diff.max():.3g} at token {diff.argmax() + 1}"
     # The streaming regime really differs from dense attention (not a vacuous match).
-    dense = OracleLlama(tiny_llama, sink_tokens=None)
+    dense = OracleLlama(model, sink_tokens=None)
     tail = slice(POLICY.dense_tokens, CONTEXT - 1)
     assert (dense.token_logprobs(ids[:CONTEXT])[tail] - want[tail]).abs().max() > 1e-2
 
@@ -166,7 +174,7 @@ def test_model_without_rope_refused(tmp_path):
         make_llm(str(path), block_size=BS)
 
 
-def test_policy_off_changes_nothing(tiny_llama, llm, stock):
+def test_policy_off_changes_nothing(model, llm, stock):
     """A stock engine, built in a process that already runs a policy engine
     (vLLM shares rotary modules between models), computes plain dense attention."""
     from vllm.v1.attention.backends.registry import AttentionBackendEnum
@@ -177,6 +185,6 @@ def test_policy_off_changes_nothing(tiny_llama, llm, stock):
     layer = next(iter(config.compilation_config.static_forward_context.values()))
     assert type(layer.impl).__module__.startswith("vllm.")
     ids = random_ids(CONTEXT - 1, seed=5)  # past the policy's dense region, within the context
-    want = OracleLlama(tiny_llama, sink_tokens=None).token_logprobs(ids)
+    want = OracleLlama(model, sink_tokens=None).token_logprobs(ids)
     assert (prompt_logprobs(stock, ids) - want).abs().max().item() < TOL
     assert (prompt_logprobs(llm, ids) - want)[POLICY.dense_tokens:].abs().max().item() > 1e-2
