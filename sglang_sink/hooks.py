@@ -209,6 +209,7 @@ def apply_flags(server_args, flags: dict) -> None:
         return
     check_version()
     check_hooks_applied()
+    _refuse_state_layers(server_args.model_path)
     _streaming_defaults(server_args)
     rotary_len = _rotary_table_len(server_args.model_path)
     policy = SinkPolicy.resolve(opts["sink_tokens"], opts["sink_window"], 1, rotary_len, "the model")
@@ -264,6 +265,19 @@ def _streaming_defaults(sa) -> None:
     # A stream may be far longer than the model's context: positions stay inside the
     # cache. SGLang refuses a longer --context-length without this; set only here.
     os.environ["SGLANG_ALLOW_OVERWRITE_LONGER_CONTEXT_LEN"] = "1"
+
+
+def _refuse_state_layers(model_path: str) -> None:
+    """Linear-attention / SSM hybrids (Qwen3-Next, Falcon-H1, NemotronH, ...): SGLang keeps
+    their state in a Mamba pool beside the KV pool, which the policy does not handle."""
+    from transformers import AutoConfig
+
+    from streaming_sink.hybrid import refusal, state_layers
+
+    cfg = AutoConfig.from_pretrained(model_path)
+    state = state_layers(cfg)
+    if state is not None:
+        raise PolicyConfigError(refusal(model_path, cfg, state))
 
 
 def _rotary_table_len(model_path: str) -> int:

@@ -181,6 +181,7 @@ def _create_streaming_config(args, original_create, opts, *a, **kw):
         vllm_config = original_create(args, *a, **kw)
 
     text_config = vllm_config.model_config.hf_text_config
+    _refuse_state_layers(vllm_config.model_config)
     if not _has_rope(text_config):
         raise PolicyConfigError(
             f"--kv-policy streaming-sink needs a RoPE model; {vllm_config.model_config.model} "
@@ -217,6 +218,21 @@ def _explain_stock_warnings(policy: SinkPolicy, max_model_len: int, context: int
         logger.info("streaming-sink: vLLM's CPU build warns that Triton has no CPU backend or is "
                     "missing (and runs the V1 model runner): harmless, on CPU neither vLLM nor "
                     "streaming-sink runs Triton kernels")
+
+
+def _refuse_state_layers(model_config) -> None:
+    """Issue 12 (added beside the lead's checks): linear-attention / SSM hybrids
+    (Qwen3-Next, Jamba, Falcon-H1, NemotronH, ...) get MambaSpec KV cache groups whose
+    block size vLLM aligns with the attention groups' (platforms/interface.py
+    ``_align_hybrid_block_size``); the policy handles attention groups only. Refused
+    here, before the engine is built, naming the model type (streaming_sink/hybrid.py)."""
+    from streaming_sink.hybrid import refusal, state_layers
+
+    state = state_layers(model_config.hf_text_config)
+    if state is None and (model_config.is_hybrid or model_config.is_attention_free):
+        state = "state (Mamba / linear-attention) layers (vLLM's model class is hybrid or attention-free)"
+    if state is not None:
+        raise PolicyConfigError(refusal(model_config.model, model_config.hf_config, state))
 
 
 def _has_rope(text_config) -> bool:

@@ -69,3 +69,17 @@ def test_launcher_refuses_before_loading_the_model(tiny_llama_128):
                    "--kv-policy", "streaming-sink", "--sink-tokens", str(S), "--sink-window", "4096"])
     assert out.returncode != 0
     assert "PolicyConfigError" in out.stderr and "--sink-window <= 123" in out.stderr, out.stderr[-2000:]
+
+
+@pytest.mark.parametrize("kind, arch", [("qwen3_next", "Qwen3NextForCausalLM"), ("jamba", "JambaForCausalLM")])
+def test_hybrid_model_refused(tmp_path, kind, arch):
+    """Linear-attention / SSM hybrids: refused before SGLang starts (docs/models.md). Without
+    the policy, SGLang 0.5.23 on CPU cannot run either: Qwen3-Next's Gated DeltaNet layer asks
+    torch.cuda for its device, Jamba has no SGLang implementation."""
+    import sglang
+
+    from tiny_hybrids import build_tiny_hybrid
+
+    path = build_tiny_hybrid(tmp_path / kind, kind)
+    with pytest.raises(PolicyConfigError, match=rf"\({kind}, {arch}\) has .*linear_attention"):
+        sglang.Engine(**engine_args(path))
