@@ -16,6 +16,13 @@ function of how far the stream has gone (StreamingLLM, Fig. 3/5). Configurations
     .venv/bin/python benchmarks/streaming_perplexity.py                      # 32768 tokens, all configs
     .venv/bin/python benchmarks/streaming_perplexity.py --tokens 16384 --configs dense,S0@1024,S4@1024
     .venv/bin/python benchmarks/streaming_perplexity.py --resume             # keep finished configs of --out
+    .venv/bin/python benchmarks/streaming_perplexity.py --model gemma3-270m --tokens 8192 \
+        --configs dense,S0@1024,S1@1024,S4@1024 --out docs/streaming-perplexity-gemma3.json \
+        --plot docs/streaming-perplexity-gemma3.png                        # a second model
+
+``--model`` is an HF folder or the key of a model ``streaming-sink-prepare`` builds
+(``smollm2``, ``gemma3-270m``). The prepared SmolLM2 reads the corpus's SmolLM2 ids; any
+other model tokenizes the same text with its own tokenizer (Gemma: ``<bos>`` first).
 
 Writes ``--out`` (json: per-256-token NLL sums per configuration, wall times, settings)
 after every configuration, ``--plot`` (png), and prints a table.
@@ -106,11 +113,21 @@ def parse_config(text: str) -> Config:
 # ---------------------------------------------------------------------------------------------
 
 
-def load_stream(n_tokens: int, book: str | None = "emma") -> list[int]:
-    """The first ``n_tokens`` SmolLM2 token ids of an Austen novel (``None``/"all": all six in order)."""
-    from streaming_sink.prepare import corpus_tokens
+def load_stream(n_tokens: int, book: str | None = "emma", model: str | None = None) -> list[int]:
+    """The first ``n_tokens`` SmolLM2 token ids of an Austen novel (``None``/"all": all six in order).
 
-    ids = corpus_tokens(None if book in (None, "all") else book)
+    ``model``: a folder that is not the prepared SmolLM2 tokenizes the same text with its own
+    tokenizer, special tokens included (Gemma: ``<bos>`` first, as it is meant to be prompted)."""
+    from streaming_sink.prepare import MODEL_NAME, corpus_text, corpus_tokens
+
+    if model is None or Path(model).name.startswith(MODEL_NAME):
+        ids = corpus_tokens(None if book in (None, "all") else book)
+    else:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(model)
+        text = corpus_text(None if book in (None, "all") else book)
+        ids = np.asarray(tok.backend_tokenizer.encode(text[: 8 * n_tokens], add_special_tokens=True).ids)
     if ids.size < n_tokens:
         raise SystemExit(f"{book} has only {ids.size} tokens; ask for fewer --tokens or --book all")
     return ids[:n_tokens].tolist()
@@ -349,7 +366,7 @@ def plot(results: list[dict], path: str | os.PathLike, context: int | None = Non
         ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v / 1024:g}k"))
         if context and context < xmax:
             ax.axvline(context, color="grey", lw=0.8, ls=":")
-            ax.text(context, 0.02, " model context (8k): stock vLLM stops",
+            ax.text(context, 0.02, f" model context ({context // 1024}k): stock vLLM stops",
                     transform=ax.get_xaxis_transform(), va="bottom", ha="left", fontsize=7.5, color="grey")
     axes[0][0].set_ylabel(f"perplexity, log scale ({smooth}-token windows)")
     if title:
@@ -395,7 +412,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--configs", default=",".join(DEFAULT_CONFIGS),
                     help="comma list of dense, S<sinks>@<cache>, window@<cache> (default: %(default)s)")
     ap.add_argument("--book", default="emma", help="Austen novel (emma, prideprejudice, ...) or 'all' (default emma)")
-    ap.add_argument("--model", help="HF folder (default: the prepared SmolLM2-135M-Instruct)")
+    ap.add_argument("--model", help="HF folder, or smollm2 / gemma3-270m: a model streaming-sink-prepare builds "
+                                    "(default: the prepared SmolLM2-135M-Instruct)")
     ap.add_argument("--dtype", help="engine dtype (default: as the folder was prepared)")
     ap.add_argument("--block-size", type=int, default=32, help="KV block size (CPU: a multiple of 32; default 32)")
     ap.add_argument("--chunk", type=int, default=1024, help="max_num_batched_tokens: prefill chunk (default 1024)")
@@ -420,9 +438,11 @@ def main(argv: list[str] | None = None) -> int:
         c.window(args.block_size)  # fail before any engine starts
     from streaming_sink.prepare import default_model_path
 
-    model = args.model or default_model_path()
+    from streaming_sink.prepare import MODELS
+
+    model = default_model_path(model=args.model) if args.model in MODELS else (args.model or default_model_path())
     set_threads(args.threads)
-    ids = load_stream(args.tokens, args.book)
+    ids = load_stream(args.tokens, args.book, model)
     context = context_of(model)
     import vllm
 
