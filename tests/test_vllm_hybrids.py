@@ -26,3 +26,16 @@ def test_hybrid_refused_at_startup(tmp_path, kind, arch):
     msg = str(err.value)
     assert f"({kind}, {arch})" in msg and "linear-attention / state-space" in msg, msg
     assert "without --kv-policy" in msg
+
+
+@pytest.mark.parametrize("name, hybrid", [
+    ("FalconH1Config", True), ("NemotronHConfig", True), ("BambaConfig", True),
+    ("GraniteMoeHybridConfig", True), ("Qwen3NextConfig", True), ("JambaConfig", True),
+    ("LlamaConfig", False), ("Qwen3Config", False), ("GptOssConfig", False), ("Gemma3TextConfig", False),
+])
+def test_state_layers_detected_from_hf_configs(name, hybrid):
+    import transformers
+
+    from streaming_sink.hybrid import state_layers
+
+    assert (state_layers(getattr(transformers, name)()) is not None) == hybrid
