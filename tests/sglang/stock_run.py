@@ -1,6 +1,7 @@
 """Run a fixed workload through sglang.Engine and print it as JSON (see test_sglang_stock.py).
 
-``python stock_run.py MODEL [engine keyword=json-value ...]``. Run with
+``python stock_run.py MODEL [MODEL ...] [engine keyword=json-value ...]``: one JSON object,
+model folder -> its workload's outputs (one process for all: SGLang's import is paid once). Run with
 ``SGLANG_PLUGINS=__none__`` it is stock SGLang: no plugin of ours is loaded at all.
 """
 
@@ -27,12 +28,16 @@ def main() -> None:
     import sglang
     from sglang_helpers import engine_args
 
-    extra = {k: json.loads(v) for k, v in (a.split("=", 1) for a in sys.argv[2:])}
-    engine = sglang.Engine(**engine_args(sys.argv[1], policy=False, **extra))
-    try:
-        print("RESULT " + json.dumps(workload(engine)), flush=True)
-    finally:
-        engine.shutdown()
+    models = [a for a in sys.argv[1:] if "=" not in a]
+    extra = {k: json.loads(v) for k, v in (a.split("=", 1) for a in sys.argv[1:] if "=" in a)}
+    results = {}
+    for model in models:
+        engine = sglang.Engine(**engine_args(model, policy=False, **extra))
+        try:
+            results[model] = workload(engine)
+        finally:
+            engine.shutdown()
+    print("RESULT " + json.dumps(results), flush=True)
 
 
 if __name__ == "__main__":

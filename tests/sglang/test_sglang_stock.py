@@ -23,24 +23,13 @@ HERE = Path(__file__).parent
 
 
 @pytest.fixture(scope="module")
-def stock():
-    """Stock SGLang's outputs per model folder, each run once."""
-    runs: dict[str, dict] = {}
-
-    def run(model: str) -> dict:
-        if model not in runs:
-            runs[model] = _stock_run(model)
-        return runs[model]
-
-    return run
-
-
-def _stock_run(model: str) -> dict:
+def stock(tiny_llama_128, tiny_qwen3_128) -> dict:
+    """Stock SGLang's outputs per model folder, all from one stock process."""
     env = {**os.environ, "SGLANG_PLUGINS": "__none__"}
     env.pop("SGLANG_SINK_TRACE", None)
     env["PYTHONPATH"] = os.pathsep.join([str(HERE), str(HERE.parent), env["PYTHONPATH"]])
-    out = subprocess.run([sys.executable, str(HERE / "stock_run.py"), model], env=env,
-                         capture_output=True, text=True, timeout=400, start_new_session=True)
+    out = subprocess.run([sys.executable, str(HERE / "stock_run.py"), tiny_llama_128, tiny_qwen3_128],
+                         env=env, capture_output=True, text=True, timeout=600, start_new_session=True)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "streaming_sink" not in out.stderr  # the stock run really ran without us
     line = next(l for l in out.stdout.splitlines() if l.startswith("RESULT "))
@@ -63,7 +52,7 @@ def test_outputs_are_stock_sglang(request, stock, model_name, kwargs):
         ours = workload(engine)
     finally:
         engine.shutdown()
-    want = stock(model)
+    want = stock[model]
     assert ours["greedy"] == want["greedy"]
     assert ours["prompt_logprobs"] == want["prompt_logprobs"]
     assert len(ours["greedy"][2]) == 60 and len(ours["prompt_logprobs"]) == 120
