@@ -213,6 +213,7 @@ def apply_flags(server_args, flags: dict) -> None:
     _streaming_defaults(server_args)
     rotary_len = _rotary_table_len(server_args.model_path)
     policy = SinkPolicy.resolve(opts["sink_tokens"], opts["sink_window"], 1, rotary_len, "the model")
+    _refuse_long_layer_windows(server_args.model_path, policy)
     setattr(server_args, sink_config.ATTR, {**opts, "window_tokens": policy.window_tokens, "block_size": 1})
     logger.info("%s; context_length %s", policy.describe(), server_args.context_length)
 
@@ -280,6 +281,19 @@ def _refuse_state_layers(model_path: str) -> None:
         raise PolicyConfigError(refusal(model_path, cfg, state))
 
 
+def _refuse_long_layer_windows(model_path: str, policy: SinkPolicy) -> None:
+    """A layer type with its own sliding window (Gemma 3, GPT-OSS: ``layer_types`` has
+    ``sliding_attention``; HF's window = keys with ``t - k < sliding_window``) must fit
+    ``--sink-window + 1`` (``SinkPolicy.check_layer_window``). The backend checks the
+    built layers again (``_layer_ropes``)."""
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(model_path)
+    cfg = getattr(cfg, "text_config", None) or cfg
+    if "sliding_attention" in (getattr(cfg, "layer_types", None) or ()):
+        policy.check_layer_window(getattr(cfg, "sliding_window", None), "a sliding_attention layer")
+
+
 def _rotary_table_len(model_path: str) -> int:
     """The model's rotary table (max_position_embeddings); refuses models without RoPE."""
     from transformers import AutoConfig
@@ -287,8 +301,11 @@ def _rotary_table_len(model_path: str) -> int:
     cfg = AutoConfig.from_pretrained(model_path)
     cfg = getattr(cfg, "text_config", None) or cfg
     params = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
-    has_rope = getattr(cfg, "rope_theta", None) is not None or (
-        isinstance(params, dict) and ("rope_theta" in params or "rope_type" in params))
+    # Flat ({"rope_theta": ...}) or nested per layer type (Gemma 3 under transformers 5:
+    # {"full_attention": {...}, "sliding_attention": {...}}).
+    tables = [params, *(v for v in params.values() if isinstance(v, dict))] if isinstance(params, dict) else []
+    has_rope = getattr(cfg, "rope_theta", None) is not None or any(
+        "rope_theta" in t or "rope_type" in t for t in tables)
     if not has_rope:
         raise PolicyConfigError(
             f"--kv-policy streaming-sink needs a RoPE model; {model_path} "
@@ -412,7 +429,8 @@ def _backend_class():
 
 
 def _layer_ropes(model, policy: SinkPolicy) -> dict:
-    """Each RadixAttention layer's rotary frequencies, from the ``rotary_emb`` beside it."""
+    """Each RadixAttention layer's rotary frequencies, from the ``rotary_emb`` beside it
+    (Gemma 3: one per layer type, its own base); refuses a layer window past W + 1."""
     from sglang.srt.layers.radix_attention import RadixAttention
 
     ropes, layers = {}, []
@@ -430,6 +448,9 @@ def _layer_ropes(model, policy: SinkPolicy) -> dict:
                 by_module[id(rope)] = params_from_cos_sin_table(
                     table, rope.rotary_dim, rope.is_neox_style, policy, f"{parent_name}.{child_name}")
             ropes[child.layer_id] = by_module[id(rope)]
+            sw = getattr(child, "sliding_window_size", None)  # SGLang's: sw + 1 keys
+            if sw is not None and sw > -1:
+                policy.check_layer_window(sw + 1, f"attention layer {child.layer_id}")
     if len(ropes) != len(layers):
         raise PolicyConfigError(
             f"--kv-policy streaming-sink needs RoPE attention; {len(layers) - len(ropes)} attention "
