@@ -27,7 +27,8 @@ import pytest
 import torch
 
 from oracle_gemma3 import OracleGemma3
-from vllm_helpers import BS, S, W, SamplingParams, free_blocks, kv_manager, make_llm, prompt_logprobs, random_ids
+from vllm_helpers import BS, S, W, SamplingParams, check_greedy, free_blocks, kv_manager, make_llm, \
+    output_logprobs, prompt_logprobs, random_ids, run_stepwise_by_group
 
 from streaming_sink.policy import PolicyConfigError, SinkPolicy
 
@@ -151,25 +152,7 @@ def test_teacher_forced_prompt_logprobs_match_oracle(llm, oracle, tiny_gemma3):
 
 
 def _run_stepwise(llm, requests, abort_at=None, logprobs=False):
-    """Step the engine; per group kind, the most blocks any request held after any step."""
-    engine = llm.llm_engine
-    for rid, (prompt, n) in requests.items():
-        engine.add_request(rid, {"prompt_token_ids": prompt}, SamplingParams(
-            max_tokens=n, temperature=0, ignore_eos=True, logprobs=0 if logprobs else None))
-    groups = _groups(llm)
-    peak = {k: 0 for k, _ in groups}
-    final, abort_at = {}, dict(abort_at or {})
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            final[out.request_id] = out
-        for kind, m in groups:
-            for blocks in m.req_to_blocks.values():
-                peak[kind] = max(peak[kind], sum(not b.is_null for b in blocks))
-        for rid, at in list(abort_at.items()):
-            if rid in final and len(final[rid].outputs[0].token_ids) >= at:
-                engine.abort_request([rid])
-                del abort_at[rid]
-    return peak, final
+    return run_stepwise_by_group(llm, requests, _groups(llm), abort_at, logprobs)
 
 
 def test_batched_decode_matches_oracle_with_bounded_blocks(llm, oracle):
@@ -186,18 +169,9 @@ def test_batched_decode_matches_oracle_with_bounded_blocks(llm, oracle):
     assert peak["sink+window"] > POLICY.sink_blocks + POLICY.window_blocks  # really used the window
     assert free_blocks(llm) == start
     for rid, prompt in prompts.items():
-        out = final[rid].outputs[0]
-        gen = list(out.token_ids)
+        gen, got = output_logprobs(final[rid])
         assert len(gen) == n_new
-        got = torch.tensor([lp[t].logprob for lp, t in zip(out.logprobs, gen)], dtype=torch.float64)
-        lp = oracle.logprobs(prompt + gen)[len(prompt) - 1:-1]
-        want = lp.gather(1, torch.tensor(gen)[:, None]).squeeze(1)
-        diff = (got - want).abs()
-        print(f"{rid}: {n_new} decoded tokens, max |engine - oracle| = {diff.max():.3g}")
-        assert diff.max().item() < TOL, f"{rid}: max diff {diff.max():.3g} at step {diff.argmax()}"
-        top2 = lp.topk(2, dim=1).values
-        clear = (top2[:, 0] - top2[:, 1]) > 1e-3  # greedy = the oracle's argmax, up to near-ties
-        assert torch.equal(lp.argmax(1)[clear], torch.tensor(gen)[clear])
+        check_greedy(oracle.logprobs(prompt + gen), len(prompt), gen, got, TOL, rid)
 
 
 def test_abort_mid_stream_returns_every_block(llm):

@@ -80,6 +80,29 @@ def free_blocks(llm: LLM) -> int:
     return kv_manager(llm).block_pool.get_num_free_blocks()
 
 
+def run_stepwise_by_group(llm: LLM, requests: dict, groups, abort_at: dict | None = None, logprobs: bool = False):
+    """Step the engine through ``requests`` ({id: (prompt ids, max_tokens)}), aborting
+    ``abort_at`` ({id: after n tokens}); returns (per group kind the most blocks any request
+    held after any step, the last output per request). ``groups``: [(kind, manager)]."""
+    engine = llm.llm_engine
+    for rid, (prompt, n) in requests.items():
+        engine.add_request(rid, {"prompt_token_ids": prompt}, SamplingParams(
+            max_tokens=n, temperature=0, ignore_eos=True, logprobs=0 if logprobs else None))
+    peak = {k: 0 for k, _ in groups}
+    final, abort_at = {}, dict(abort_at or {})
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            final[out.request_id] = out
+        for kind, m in groups:
+            for blocks in m.req_to_blocks.values():
+                peak[kind] = max(peak[kind], sum(not b.is_null for b in blocks))
+        for rid, at in list(abort_at.items()):
+            if rid in final and len(final[rid].outputs[0].token_ids) >= at:
+                engine.abort_request([rid])
+                del abort_at[rid]
+    return peak, final
+
+
 def live_blocks(llm: LLM) -> dict[str, int]:
     """Blocks each running request holds (not counting recycled null slots)."""
     counts: dict[str, int] = {}
