@@ -54,3 +54,11 @@ def tiny_qwen3_128(tmp_path_factory) -> str:
     from tiny_models import build_tiny_qwen3
 
     return build_tiny_qwen3(tmp_path_factory.mktemp("tiny-qwen3-128"), max_position_embeddings=CONTEXT)
+
+
+@pytest.fixture(scope="session")
+def tiny_gemma3_128(tmp_path_factory) -> str:
+    """The tiny random Gemma 3 (local + global layers, two RoPE bases) with a 128-position context."""
+    from tiny_models import build_tiny_gemma3
+
+    return build_tiny_gemma3(tmp_path_factory.mktemp("tiny-gemma3-128"), max_position_embeddings=CONTEXT)

@@ -23,12 +23,13 @@ HERE = Path(__file__).parent
 
 
 @pytest.fixture(scope="module")
-def stock(tiny_llama_128, tiny_qwen3_128) -> dict:
+def stock(tiny_llama_128, tiny_qwen3_128, tiny_gemma3_128) -> dict:
     """Stock SGLang's outputs per model folder, all from one stock process."""
     env = {**os.environ, "SGLANG_PLUGINS": "__none__"}
     env.pop("SGLANG_SINK_TRACE", None)
     env["PYTHONPATH"] = os.pathsep.join([str(HERE), str(HERE.parent), env["PYTHONPATH"]])
-    out = subprocess.run([sys.executable, str(HERE / "stock_run.py"), tiny_llama_128, tiny_qwen3_128],
+    out = subprocess.run([sys.executable, str(HERE / "stock_run.py"), tiny_llama_128, tiny_qwen3_128,
+                          tiny_gemma3_128],
                          env=env, capture_output=True, text=True, timeout=600, start_new_session=True)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "streaming_sink" not in out.stderr  # the stock run really ran without us
@@ -42,7 +43,8 @@ def stock(tiny_llama_128, tiny_qwen3_128) -> dict:
     # rotary table allows), so all rows are dense: torch_native's own SDPA, same numbers.
     ("llama", dict(sink_window=123)),
     ("qwen3", dict(policy=False)),  # q/k RMSNorm: the plugin loaded, policy off, changes nothing
-], ids=["llama, policy off", "llama, policy on, below the window", "qwen3, policy off"])
+    ("gemma3", dict(policy=False)),  # local/global layers, two RoPE bases: likewise
+], ids=["llama, policy off", "llama, policy on, below the window", "qwen3, policy off", "gemma3, policy off"])
 def test_outputs_are_stock_sglang(request, stock, model_name, kwargs):
     import sglang
 
