@@ -150,12 +150,21 @@ def test_abort_mid_stream_returns_every_block(llm):
     (dict(kv_policy="evict-everything"), "--kv-policy"),
     (dict(kv_cache_dtype="fp8"), "--kv-cache-dtype"),
     (dict(enable_chunked_prefill=False), "chunked-prefill"),
+    # Explicit flags the policy cannot honour are refused, never overridden:
+    (dict(attention_backend="CPU_ATTN"), "--attention-backend CPU_ATTN"),
+    (dict(compilation_config={"cudagraph_mode": "FULL_AND_PIECEWISE"}), "cudagraph_mode FULL_AND_PIECEWISE"),
 ])
 def test_bad_config_refused_at_startup(tiny_llama, kwargs, flag):
     args = dict(kv_policy="streaming-sink", sink_tokens=S, sink_window=W)
     args.update(kwargs)
     with pytest.raises(PolicyConfigError, match=flag):
         make_llm(tiny_llama, policy=False, **args)
+
+
+def test_explicit_long_context_veto_refused(tiny_llama, monkeypatch):
+    monkeypatch.setenv("VLLM_ALLOW_LONG_MAX_MODEL_LEN", "0")
+    with pytest.raises(PolicyConfigError, match="VLLM_ALLOW_LONG_MAX_MODEL_LEN=0"):
+        make_llm(tiny_llama)
 
 
 def test_model_without_rope_refused(tmp_path):

@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -43,7 +44,7 @@ def server(tiny_llama, tmp_path_factory):
            "--max-num-batched-tokens", "256",
            "--enable-prompt-tokens-details", "--chat-template", CHAT_TEMPLATE,  # the chat session test
            "--shutdown-timeout", "10"]  # the engine tears down by itself: no leaked semaphores
-    with running_server(cmd, port, log, _env(), timeout=240) as base:
+    with running_server(cmd, port, log, _env(), timeout=600) as base:
         yield base, log
 
 
@@ -140,3 +141,72 @@ def test_cli_flags_in_help_and_bad_values_refused(tiny_llama):
                          capture_output=True, text=True, env=_env(), timeout=180)
     assert bad.returncode != 0
     assert "--sink-window must be a positive multiple of the KV block size (32)" in bad.stdout + bad.stderr
+
+
+def _scrape(base: str) -> dict[str, float]:
+    """The vllm:streaming_sink_* samples on /metrics, by name (labels dropped: one engine)."""
+    text = requests.get(base + "/metrics", timeout=10).text
+    samples = {}
+    for line in text.splitlines():
+        if line.startswith("vllm:streaming_sink_"):
+            name, value = line.rsplit(" ", 1)
+            key = name.split("{")[0] + ("{le=" + name.split('le="')[1].split('"')[0] + "}" if 'le="' in name else "")
+            samples[key] = float(value)
+    return samples
+
+
+def test_policy_metrics_on_the_prometheus_endpoint(server):
+    """/metrics shows the policy at work, with the values the policy implies: one stream
+    past the window holds Sb sink blocks, at most Sb + Wb + 1 live; when it ends, the
+    recycled counter grew by exactly the blocks its window left behind and the
+    per-request histogram has its peak."""
+    from streaming_sink.policy import SinkPolicy
+
+    base, _ = server
+    policy = SinkPolicy(4, 128, 32)  # the server's --sink-tokens / --sink-window / --block-size
+    P, G = 9, 12 * CONTEXT  # a prompt inside one block: the peak is the decode bound
+    before = _scrape(base)
+    assert before["vllm:streaming_sink_max_live_blocks"] == policy.max_live_blocks() == 6
+    assert before["vllm:streaming_sink_requests_past_window"] == 0
+    body = {"model": _model(base), "prompt": list(range(5, 5 + P)), "max_tokens": G,
+            "temperature": 0, "ignore_eos": True}
+    samples, done = [], threading.Event()
+
+    def poll() -> None:  # scrape while the stream runs (a read mid-stream could miss it)
+        while not done.is_set():
+            samples.append(_scrape(base))
+            time.sleep(0.05)
+
+    poller = threading.Thread(target=poll)
+    poller.start()
+    try:
+        reply = requests.post(base + "/v1/completions", json=body, timeout=600).json()
+    finally:
+        done.set()
+        poller.join()
+    after = _scrape(base)
+    assert reply["usage"]["completion_tokens"] == G, reply
+    past = [s for s in samples if s["vllm:streaming_sink_requests_past_window"] == 1]
+    assert past, f"no scrape saw the stream past its window: {samples}"
+    for s in past:
+        assert s["vllm:streaming_sink_sink_blocks_pinned"] == policy.sink_blocks
+        assert policy.sink_blocks + policy.window_blocks <= s["vllm:streaming_sink_live_blocks"] <= 6
+    for s in samples:
+        assert s["vllm:streaming_sink_requests_past_window"] <= 1
+        assert s["vllm:streaming_sink_live_blocks"] <= 6
+    assert past[-1]["vllm:streaming_sink_recycled_blocks_total"] > before["vllm:streaming_sink_recycled_blocks_total"]
+    for gauge in ("requests_past_window", "sink_blocks_pinned", "live_blocks"):
+        assert after["vllm:streaming_sink_" + gauge] == 0, gauge
+    # The last step computed the token at P + G - 2 (the last sampled token is never fed).
+    expected = len(policy.freeable_prefix_blocks(P + G - 2))
+    assert expected > 10
+    recycled = after["vllm:streaming_sink_recycled_blocks_total"] - before["vllm:streaming_sink_recycled_blocks_total"]
+    assert recycled == expected
+    h = "vllm:streaming_sink_request_live_blocks_"
+    assert after[h + "count"] - before[h + "count"] == 1
+    assert after[h + "sum"] - before[h + "sum"] == policy.max_live_blocks(1)
+    assert after[h + "bucket{le=6.0}"] - before[h + "bucket{le=6.0}"] == 1  # at the decode bound
+    assert after[h + "bucket{le=5.0}"] == before[h + "bucket{le=5.0}"]
+    # Every request so far (earlier tests prefill 256-token chunks) within the mid-prefill bound.
+    chunk_bound = policy.max_live_blocks(256)  # --max-num-batched-tokens 256
+    assert after[h + "bucket{le=" + f"{float(chunk_bound)}" + "}"] == after[h + "count"]

