@@ -119,6 +119,12 @@ def _install_flags() -> None:
     def from_cli_args(cls, args):
         engine_args = original_from(cls, args)
         _store_flags(engine_args, {f: getattr(args, f, None) for f in _FLAGS})
+        # Also into the namespace: with --api-server-count > 1 vLLM pickles it to API
+        # server processes that run the stock from_cli_args before any plugin loads
+        # (plugins load inside EngineArgs.__post_init__); --additional-config carries it.
+        if sink_config.KEY in (engine_args.additional_config or {}) and hasattr(args, "additional_config"):
+            args.additional_config = {**(args.additional_config or {}),
+                                      sink_config.KEY: engine_args.additional_config[sink_config.KEY]}
         return engine_args
 
     EngineArgs.from_cli_args = classmethod(from_cli_args)
@@ -400,6 +406,8 @@ def hook_targets(platform: str = "cuda") -> list[tuple[str, str, tuple[str, ...]
             "kv_transfer_config", "decode_context_parallel_size", "enable_chunked_prefill",
             "max_model_len")),
         ("attr", "vllm.envs:VLLM_ALLOW_LONG_MAX_MODEL_LEN", None),
+        ("attr", f"{ea}.compilation_config", None),  # _refuse_explicit_conflicts
+        ("attr", "vllm.config:CompilationConfig.cudagraph_mode", None),
         ("call", "vllm.config:ModelConfig.get_sliding_window", ()),
         *(("attr", f"vllm.config:ModelConfig.{name}", None) for name in (
             "model", "hf_config", "hf_text_config", "max_model_len", "is_hybrid", "is_attention_free")),
