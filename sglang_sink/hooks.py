@@ -10,6 +10,9 @@ Hooks go through SGLang's own ``HookRegistry`` (AROUND/AFTER), applied by
    ``sglang.Engine``; the policy is resolved and every refusal raised there, at
    startup, in the main process (ServerArgs is a msgspec Struct: no new fields, so
    the settings ride as one extra attribute, which SGLang pickles to its children).
+   The rule: a flag the user set is honoured or refused naming it; only a default is
+   changed, in one log line. ServerArgs is still unresolved there (SGLang 0.5.23
+   declares its own defaults in ``resolve_once``, later), so a set field is the user's.
 2. ``attention_backend_setup._build_full_attention_backend_from_str``: with the
    policy on, our backend instead of the one named by ``--attention-backend``: a
    ``TorchNativeAttnBackend`` subclass (its KV write, ``init_forward_metadata``, and its
@@ -37,6 +40,11 @@ Hooks go through SGLang's own ``HookRegistry`` (AROUND/AFTER), applied by
    ``ReqKvInfo.cache_protected_len`` / ``cache_inserted_len`` and on ``RadixKey`` slicing
    (``_RADIX_NAMES``, checked at startup like the hook targets). Touch points 4/5 take
    ``cache_protected_len`` as the start of what a request owns.
+9. ``observability.metrics_collector.SchedulerMetricsCollector.init_new`` (AFTER): with
+   ``--enable-metrics``, the policy's Prometheus series (``metrics.py``) are created in
+   the scheduler next to SGLang's own, with its labels, where it publishes its own
+   (``current_scheduler_metrics_enabled``); touch points 4/5 update them, and SGLang's
+   ``/metrics`` exports them (multiprocess directory).
 """
 
 from __future__ import annotations
@@ -49,6 +57,7 @@ from streaming_sink.policy import PolicyConfigError, SinkPolicy, check_flags
 from streaming_sink.rope import params_from_cos_sin_table
 
 from . import config as sink_config
+from .metrics import SinkMetrics
 from .pool import EvictionCursor
 
 # A child of "sglang" so our lines go through SGLang's own log handlers.
@@ -60,6 +69,7 @@ TRACE_ENV = "SGLANG_SINK_TRACE"  # diagnostics: JSON lines of KV slots in use, p
 _installed = False
 _active: SinkPolicy | None = None  # the policy of this scheduler process's model
 _cursors: dict[int, tuple[object, EvictionCursor]] = {}  # id(req.kv) -> (req.kv, cursor)
+_metrics: SinkMetrics | None = None  # this scheduler's Prometheus series (--enable-metrics)
 
 _TARGETS = {  # dotted SGLang name -> (hook type, our function name)
     "sglang.srt.server_args.ServerArgs.add_cli_args": ("AROUND", "_add_cli_args"),
@@ -77,6 +87,8 @@ _TARGETS = {  # dotted SGLang name -> (hook type, our function name)
         ("AROUND", "_running_offset"),
     "sglang.srt.mem_cache.prefill_budget.PrefillBudget.reserve": ("AROUND", "_reserve"),
     "sglang.srt.managers.tp_worker.TpModelWorker.get_worker_info": ("AFTER", "_worker_info"),
+    "sglang.srt.observability.metrics_collector.SchedulerMetricsCollector.init_new":
+        ("AFTER", "_metrics_collector"),
 }
 
 
@@ -210,7 +222,7 @@ def apply_flags(server_args, flags: dict) -> None:
     check_version()
     check_hooks_applied()
     _refuse_state_layers(server_args.model_path)
-    _streaming_defaults(server_args)
+    _streaming_defaults(server_args, _architectures(server_args.model_path))
     rotary_len = _rotary_table_len(server_args.model_path)
     policy = SinkPolicy.resolve(opts["sink_tokens"], opts["sink_window"], 1, rotary_len, "the model")
     _refuse_long_layer_windows(server_args.model_path, policy)
@@ -218,8 +230,48 @@ def apply_flags(server_args, flags: dict) -> None:
     logger.info("%s; context_length %s", policy.describe(), server_args.context_length)
 
 
-def _streaming_defaults(sa) -> None:
-    """Refuse what the policy cannot serve, naming the flag; set what it needs."""
+# Our backend subclasses this SGLang backend: naming it explicitly is honoured.
+BASE_ATTENTION_BACKEND = "torch_native"
+_BACKEND_FLAGS = (("attention_backend", "--attention-backend"),
+                  ("prefill_attention_backend", "--prefill-attention-backend"),
+                  ("decode_attention_backend", "--decode-attention-backend"))
+# Models whose SGLang 0.5.23 config check demands a backend name from a list
+# (arg_groups/model_hook.py, GptOssForCausalLM): where SGLang's own default is not on
+# it (e.g. an arm64 CPU: torch_native), the user must name one. Such a name is the
+# model's demand, not a choice of attention: accepted, and replaced by ours (logged).
+_MODEL_FORCED_BACKENDS = {
+    "GptOssForCausalLM": ("triton", "trtllm_mha", "fa3", "fa4", "ascend", "intel_amx", "intel_xpu", "aiter"),
+}
+
+
+def _explicit_backends(sa, architectures) -> list[str]:
+    """Refuses an explicit attention backend the policy cannot honour (ours is a
+    ``torch_native`` subclass), naming the flag; returns the accepted model-forced ones.
+    ServerArgs is unresolved here (SGLang resolves after us), so a set value is the
+    user's: SGLang's own default (e.g. intel_amx on x86 CPUs, fa3 for GPT-OSS on H100)
+    is declared later, and ours replaces it as a default."""
+    forced = set().union(*(_MODEL_FORCED_BACKENDS.get(a, ()) for a in architectures))
+    given = [(flag, getattr(sa, field, None)) for field, flag in _BACKEND_FLAGS]
+    given = [(flag, v) for flag, v in given if v not in (None, BASE_ATTENTION_BACKEND)]
+    refused = [f"{flag} {v}" for flag, v in given if v not in forced]
+    if refused:
+        raise PolicyConfigError(
+            f"--kv-policy streaming-sink runs its own attention backend (a subclass of SGLang's "
+            f"{BASE_ATTENTION_BACKEND}); it cannot honour {', '.join(refused)}. Drop the flag "
+            f"(the policy picks its backend) or pass {BASE_ATTENTION_BACKEND}")
+    return [f"{flag} {v}" for flag, v in given]
+
+
+def _architectures(model_path: str) -> list[str]:
+    from transformers import AutoConfig
+
+    return list(getattr(AutoConfig.from_pretrained(model_path), "architectures", None) or ())
+
+
+def _streaming_defaults(sa, architectures=()) -> None:
+    """Refuse what the policy cannot serve, naming the flag; set what it needs. A flag the
+    user set is honoured or refused; only a default is changed, and each change is logged."""
+    forced = _explicit_backends(sa, architectures)
     kw = {f: getattr(sa, f, None) for f in (
         "page_size", "kv_cache_dtype", "speculative_algorithm",
         "enable_hierarchical_cache", "chunked_prefill_size", "context_length", "max_running_requests")}
@@ -249,20 +301,38 @@ def _streaming_defaults(sa) -> None:
                 f"--kv-policy streaming-sink runs the radix cache as its own backend "
                 f"({RADIX_BACKEND!r}: tombstones for the recycled gap); it does not support "
                 f"{'; '.join(other)}. Drop it, or add --disable-radix-cache")
+    changed = []  # defaults the policy sets (a value the user gave is never here)
+    if radix and getattr(sa, "radix_cache_backend", None) is None:
+        changed.append(f"--radix-cache-backend {RADIX_BACKEND} (the recycled gap as tombstones)")
+    if radix:
         sa.radix_cache_backend = RADIX_BACKEND
-    sa.page_size = 1
-    sa.disable_overlap_schedule = True  # frees happen between steps, never under a running batch
-    sa.disable_hybrid_swa_memory = True  # one pool: a layer's own window is an attention mask here
-    # --attention-backend is left as given (GPT-OSS insists on a name from its list): our
-    # backend replaces whatever SGLang builds from it (touch point 2).
-    logger.info("streaming-sink: radix cache %s; overlap schedule and hybrid SWA memory off; "
-                "the streaming-sink attention backend replaces %s",
-                f"on (backend {RADIX_BACKEND!r}: the recycled gap as tombstones)" if radix
-                else "off (--disable-radix-cache)", sa.attention_backend or "the default")
+    if kw["page_size"] is None:
+        sa.page_size = 1
+        changed.append("--page-size 1 (eviction is token-granular)")
+    if not getattr(sa, "disable_overlap_schedule", False):
+        sa.disable_overlap_schedule = True  # frees happen between steps, never under a running batch
+        changed.append("--disable-overlap-schedule (frees happen between steps)")
+    if not getattr(sa, "disable_hybrid_swa_memory", False):
+        sa.disable_hybrid_swa_memory = True  # one pool: a layer's own window is an attention mask here
+        changed.append("--disable-hybrid-swa-memory (one pool; a layer's own window is a mask)")
     if kw["context_length"] is None:
         sa.context_length = sink_config.DEFAULT_STREAM_LEN
+        changed.append(f"--context-length {sa.context_length} (a whole stream; may exceed the model's)")
     if kw["max_running_requests"] is None:
         sa.max_running_requests = sink_config.DEFAULT_MAX_RUNNING_REQUESTS
+        changed.append(f"--max-running-requests {sa.max_running_requests} (SGLang's token table is "
+                       f"max_running_requests x context_length int32)")
+    # Touch point 2: our backend (a torch_native subclass) is built whatever SGLang resolves
+    # the attention backend to; the name is left alone (SGLang's GPT-OSS check reads it).
+    if forced:
+        attention = (f"{', '.join(forced)} as given: the model's SGLang check needs a name from "
+                     f"its list; the streaming-sink backend runs instead")
+    elif sa.attention_backend == BASE_ATTENTION_BACKEND:
+        attention = f"--attention-backend {BASE_ATTENTION_BACKEND} as given (ours subclasses it)"
+    else:
+        attention = "the streaming-sink backend (a torch_native subclass) replaces SGLang's default"
+    logger.info("streaming-sink: defaults changed: %s; attention: %s",
+                "; ".join(changed) or "none", attention)
     # A stream may be far longer than the model's context: positions stay inside the
     # cache. SGLang refuses a longer --context-length without this; set only here.
     os.environ["SGLANG_ALLOW_OVERWRITE_LONGER_CONTEXT_LEN"] = "1"
@@ -476,7 +546,7 @@ def _evict(original, batch):
     allocator = batch.token_to_kv_pool_allocator
     rows = batch.req_to_token_pool.req_to_token
     extend = batch.forward_mode.is_extend()
-    trace = {}
+    trace, recycled = {}, 0
     for idx, req in enumerate(batch.reqs):
         kv = req.kv
         if not kv.holds_kv:
@@ -486,12 +556,22 @@ def _evict(original, batch):
         done = min(done, kv.kv_committed_len)
         entry = _cursors.get(id(kv))
         if entry is None or entry[0] is not kv:
+            if entry is not None and _metrics is not None:
+                _metrics.release(entry[1], observe=False)  # a stale entry (its id reused)
             # A resumed request owns its row from the tree's prefix on: [0, h) is shared.
             entry = _cursors[id(kv)] = (kv, EvictionCursor(_active, kv.cache_protected_len))
-        span = entry[1].advance(_active, done)
+        cursor = entry[1]
+        # Held since the previous step's allocation, before this step's free.
+        cursor.peak = max(cursor.peak, cursor.held(kv.kv_allocated_len))
+        span = cursor.advance(_active, done)
         if span is not None:
             allocator.free(rows[kv.req_pool_idx, span[0]:span[1]])
-        trace[req.rid] = entry[1].held(kv.kv_allocated_len)
+            recycled += span[1] - span[0]
+        if _metrics is not None:
+            _metrics.update(cursor, done)
+        trace[req.rid] = cursor.held(kv.kv_allocated_len)
+    if _metrics is not None:
+        _metrics.recycled(recycled)
     _trace(allocator, getattr(batch, "tree_cache", None), step=trace)
 
 
@@ -499,6 +579,12 @@ def _free_kv_row(original, cache, kv, ranges):
     entry = _cursors.pop(id(kv), None)
     if entry is not None and entry[0] is kv:
         ranges = entry[1].live_ranges(ranges)
+        if _metrics is not None:  # the first release call of a request: its final row length
+            cursor = entry[1]
+            cursor.peak = max(cursor.peak, cursor.held(kv.kv_allocated_len))
+            _metrics.release(cursor)
+    elif entry is not None and _metrics is not None:
+        _metrics.release(entry[1], observe=False)
     return original(cache, kv, ranges)
 
 
@@ -522,6 +608,23 @@ def _trace(allocator, tree=None, **record) -> None:
         record["tree"] = (tree.evictable_size() + tree.protected_size()) if tree is not None else 0
         with open(path, "a") as f:
             f.write(json.dumps(record) + "\n")
+
+
+# ---- 9: metrics in SGLang's /metrics (scheduler process) --------------------
+
+def _metrics_collector(ctx, cls, *args, server_args=None, **kwargs):
+    """After SGLang built its scheduler metrics: ours, with its labels and metric classes,
+    where it publishes its own (one series per scheduler rank that does)."""
+    global _metrics
+    policy = sink_config.policy_of(server_args) if server_args is not None else None
+    collector = getattr(ctx, "collector", None)
+    if policy is None or collector is None or not ctx.current_scheduler_metrics_enabled:
+        return ctx
+    _metrics = SinkMetrics(policy, collector.labels, server_args.chunked_prefill_size or 1,
+                           type(collector)._gauge_cls, type(collector)._counter_cls,
+                           type(collector)._histogram_cls)
+    logger.info("streaming-sink: Prometheus metrics %s* on", "sglang:streaming_sink_")
+    return ctx
 
 
 # ---- 8: the radix cache (scheduler process) ---------------------------------

@@ -40,7 +40,7 @@ def running_server(cmd: list[str], port: int, log: Path, env: dict, timeout: flo
             try:
                 if requests.get(base + "/health", timeout=2).status_code == 200:
                     break
-            except requests.ConnectionError:
+            except (requests.ConnectionError, requests.Timeout):  # not up yet, or busy starting
                 pass
             time.sleep(1)
         else:

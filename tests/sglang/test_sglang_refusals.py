@@ -1,8 +1,11 @@
 """Bad settings are refused at startup, in the main process, naming the flag:
-through ``sglang.Engine(...)`` keywords and through the stock launcher's argv."""
+through ``sglang.Engine(...)`` keywords and through the stock launcher's argv.
+The explicit-flag rule: a flag the user set is honoured, or refused naming it; only a
+default is changed, with a log line."""
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -28,6 +31,11 @@ LAUNCHER = [sys.executable, "-m", "sglang.launch_server"]
     # The radix cache is ours with the policy: another tree backend is refused, not overridden.
     (dict(radix_cache_backend="foo"), "--radix-cache-backend"),
     (dict(enable_lmcache=True), "--enable-lmcache"),
+    # Our attention backend subclasses torch_native: any other explicit backend is refused.
+    (dict(attention_backend="triton"), "--attention-backend triton"),
+    (dict(attention_backend="intel_amx"), "--attention-backend intel_amx"),
+    (dict(prefill_attention_backend="fa3"), "--prefill-attention-backend fa3"),
+    (dict(decode_attention_backend="flashinfer"), "--decode-attention-backend flashinfer"),
 ])
 def test_bad_config_refused_at_startup(tiny_llama_128, kwargs, flag):
     import sglang
@@ -83,3 +91,69 @@ def test_hybrid_model_refused(tmp_path, kind, arch):
     path = build_tiny_hybrid(tmp_path / kind, kind)
     with pytest.raises(PolicyConfigError, match=rf"\({kind}, {arch}\) has .*linear_attention"):
         sglang.Engine(**engine_args(path))
+
+
+FLAGS = dict(kv_policy="streaming-sink", sink_tokens=S, sink_window=W)
+
+
+def _apply(model: str, caplog, **kwargs):
+    """``apply_flags`` on a real, unresolved ServerArgs (what the launcher and Engine hand
+    it): the settings after it, and its one "defaults changed" log line."""
+    from sglang.srt.plugins import load_plugins
+    from sglang.srt.server_args import ServerArgs
+
+    from sglang_sink.hooks import apply_flags
+
+    load_plugins()  # the hooks, applied as in every SGLang process (startup checks them)
+    sa = ServerArgs(model_path=model, device="cpu", **kwargs)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="sglang.streaming_sink"):
+        apply_flags(sa, FLAGS)
+    lines = [r.getMessage() for r in caplog.records if "defaults changed" in r.getMessage()]
+    assert len(lines) == 1, caplog.text
+    return sa, lines[0]
+
+
+def test_explicit_flags_are_honoured(tiny_llama_128, caplog):
+    sa, line = _apply(tiny_llama_128, caplog, attention_backend="torch_native", context_length=4096,
+                      max_running_requests=3, page_size=1, disable_overlap_schedule=True)
+    assert (sa.attention_backend, sa.context_length, sa.max_running_requests, sa.page_size) == \
+        ("torch_native", 4096, 3, 1)
+    changed = line.split("defaults changed:")[1].split("; attention:")[0]
+    for flag in ("--context-length", "--max-running-requests", "--page-size", "--disable-overlap-schedule"):
+        assert flag not in changed, line  # given: not a default, so not changed
+    assert "--attention-backend torch_native as given" in line
+
+
+def test_changed_defaults_are_logged(tiny_llama_128, caplog):
+    from sglang_sink import config
+
+    sa, line = _apply(tiny_llama_128, caplog)
+    assert sa.context_length == config.DEFAULT_STREAM_LEN
+    assert sa.max_running_requests == config.DEFAULT_MAX_RUNNING_REQUESTS
+    assert sa.attention_backend is None  # SGLang resolves its default later; ours replaces it
+    assert (sa.page_size, sa.disable_overlap_schedule, sa.disable_hybrid_swa_memory) == (1, True, True)
+    for change in (f"--context-length {config.DEFAULT_STREAM_LEN}",
+                   f"--max-running-requests {config.DEFAULT_MAX_RUNNING_REQUESTS}",
+                   "--radix-cache-backend streaming-sink", "--page-size 1", "--disable-overlap-schedule",
+                   "--disable-hybrid-swa-memory", "replaces SGLang's default"):
+        assert change in line, line
+
+
+def test_model_forced_backend_accepted(tmp_path, caplog):
+    """GPT-OSS: SGLang 0.5.23 demands a backend from its list (where its own default is not
+    on it, e.g. an arm64 CPU, the user must name one): accepted, logged, ours runs."""
+    from tiny_models import build_tiny_gptoss
+
+    model = build_tiny_gptoss(tmp_path / "gptoss", max_position_embeddings=128)
+    sa, line = _apply(model, caplog, attention_backend="triton")
+    assert sa.attention_backend == "triton" and "--attention-backend triton as given" in line
+    with pytest.raises(PolicyConfigError, match="--attention-backend flashinfer"):
+        _apply(model, caplog, attention_backend="flashinfer")  # not on the model's list
+
+
+def test_launcher_refuses_an_explicit_backend(tiny_llama_128):
+    out = _launch(["--model-path", tiny_llama_128, "--device", "cpu", "--port", "1",
+                   "--kv-policy", "streaming-sink", "--attention-backend", "triton"])
+    assert out.returncode != 0
+    assert "PolicyConfigError" in out.stderr and "--attention-backend triton" in out.stderr, out.stderr[-2000:]
