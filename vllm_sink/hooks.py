@@ -486,8 +486,13 @@ def hook_targets(platform: str = "cuda") -> list[tuple[str, str, tuple[str, ...]
         *(("attr", f"vllm.model_executor.layers.rotary_embedding.base:RotaryEmbedding.{name}", None)
           for name in ("rotary_dim", "is_neox_style", "cos_sin_cache")),
         ("call", "vllm.model_executor.layers.rotary_embedding.base:RotaryEmbedding._compute_cos_sin_cache", ()),
-        # 6: metrics
+        # 7: metrics (metrics.py: the frontend's stat logger plugin)
         ("call", "vllm.v1.core.sched.scheduler:Scheduler.make_stats", ()),
+        ("override", "vllm.v1.metrics.loggers:StatLoggerBase.record",
+         ("scheduler_stats", "iteration_stats", "mm_cache_stats", "engine_idx")),
+        ("override", "vllm.v1.metrics.loggers:StatLoggerBase.__init__", ("vllm_config", "engine_index")),
+        ("attr", "vllm.plugins:STAT_LOGGER_PLUGINS_GROUP", None),
+        ("attr", "vllm.config:VllmConfig.scheduler_config", None),
         ("attr", "vllm.v1.core.sched.scheduler:Scheduler.kv_cache_manager", None),
         ("attr", "vllm.v1.core.kv_cache_manager:KVCacheManager.coordinator", None),
         ("attr", "vllm.v1.core.kv_cache_coordinator:KVCacheCoordinator.single_type_managers", None),
