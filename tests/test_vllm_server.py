@@ -155,58 +155,68 @@ def _scrape(base: str) -> dict[str, float]:
     return samples
 
 
+def _wait_for(base: str, want: dict, timeout: float = 120) -> dict:
+    deadline = time.time() + timeout
+    while True:
+        got = _scrape(base)
+        if all(got["vllm:streaming_sink_" + k] == v for k, v in want.items()) or time.time() > deadline:
+            return got
+        time.sleep(0.5)
+
+
 def test_policy_metrics_on_the_prometheus_endpoint(server):
-    """/metrics shows the policy at work, with the values the policy implies: one stream
-    past the window holds Sb sink blocks, at most Sb + Wb + 1 live; when it ends, the
-    recycled counter grew by exactly the blocks its window left behind and the
-    per-request histogram has its peak."""
+    """/metrics shows the policy at work, with the values the policy implies: a stream
+    past the window holds Sb sink blocks and Sb + Wb .. Sb + Wb + 1 live ones; aborted,
+    it gives them all back; a request run to its end grows the recycled counter by
+    exactly the blocks its window left behind, and the histogram by its peak."""
     from streaming_sink.policy import SinkPolicy
 
     base, _ = server
     policy = SinkPolicy(4, 128, 32)  # the server's --sink-tokens / --sink-window / --block-size
-    P, G = 9, 12 * CONTEXT  # a prompt inside one block: the peak is the decode bound
+    model, P = _model(base), 9  # a prompt inside one block: the peak is the decode bound
     before = _scrape(base)
     assert before["vllm:streaming_sink_max_live_blocks"] == policy.max_live_blocks() == 6
     assert before["vllm:streaming_sink_requests_past_window"] == 0
-    body = {"model": _model(base), "prompt": list(range(5, 5 + P)), "max_tokens": G,
-            "temperature": 0, "ignore_eos": True}
-    samples, done = [], threading.Event()
 
-    def poll() -> None:  # scrape while the stream runs (a read mid-stream could miss it)
-        while not done.is_set():
-            samples.append(_scrape(base))
-            time.sleep(0.05)
-
-    poller = threading.Thread(target=poll)
-    poller.start()
-    try:
-        reply = requests.post(base + "/v1/completions", json=body, timeout=600).json()
-    finally:
-        done.set()
-        poller.join()
-    after = _scrape(base)
-    assert reply["usage"]["completion_tokens"] == G, reply
-    past = [s for s in samples if s["vllm:streaming_sink_requests_past_window"] == 1]
-    assert past, f"no scrape saw the stream past its window: {samples}"
-    for s in past:
+    # Live view: a stream far longer than the test reads; scraped while it surely runs
+    # (thousands of tokens still to go), then aborted by closing the connection.
+    body = {"model": model, "prompt": list(range(5, 5 + P)), "max_tokens": 16000,
+            "temperature": 0, "ignore_eos": True, "stream": True}
+    events, during = 0, []
+    with requests.post(base + "/v1/completions", json=body, stream=True, timeout=600) as r:
+        assert r.status_code == 200, r.text
+        for line in r.iter_lines():
+            events += line.startswith(b"data: {")  # about one token each
+            if P + events > policy.dense_tokens + 4 * policy.block_size:
+                during = [_scrape(base) for _ in range(3)]
+                break
+    for s in during:
+        assert s["vllm:streaming_sink_requests_past_window"] == 1, s
         assert s["vllm:streaming_sink_sink_blocks_pinned"] == policy.sink_blocks
         assert policy.sink_blocks + policy.window_blocks <= s["vllm:streaming_sink_live_blocks"] <= 6
-    for s in samples:
-        assert s["vllm:streaming_sink_requests_past_window"] <= 1
-        assert s["vllm:streaming_sink_live_blocks"] <= 6
-    assert past[-1]["vllm:streaming_sink_recycled_blocks_total"] > before["vllm:streaming_sink_recycled_blocks_total"]
+    assert during[-1]["vllm:streaming_sink_recycled_blocks_total"] > before["vllm:streaming_sink_recycled_blocks_total"]
+    idle = _wait_for(base, {"requests_past_window": 0, "sink_blocks_pinned": 0, "live_blocks": 0})
+    for gauge in ("requests_past_window", "sink_blocks_pinned", "live_blocks"):
+        assert idle["vllm:streaming_sink_" + gauge] == 0, gauge  # the abort gave every block back
+
+    # Exact accounting: one request run to its end, alone.
+    G = 3 * CONTEXT
+    reply = requests.post(base + "/v1/completions", json={**body, "max_tokens": G, "stream": False},
+                          timeout=600).json()
+    assert reply["usage"]["completion_tokens"] == G, reply
+    after = _wait_for(base, {"live_blocks": 0})
     for gauge in ("requests_past_window", "sink_blocks_pinned", "live_blocks"):
         assert after["vllm:streaming_sink_" + gauge] == 0, gauge
     # The last step computed the token at P + G - 2 (the last sampled token is never fed).
     expected = len(policy.freeable_prefix_blocks(P + G - 2))
     assert expected > 10
-    recycled = after["vllm:streaming_sink_recycled_blocks_total"] - before["vllm:streaming_sink_recycled_blocks_total"]
+    recycled = after["vllm:streaming_sink_recycled_blocks_total"] - idle["vllm:streaming_sink_recycled_blocks_total"]
     assert recycled == expected
     h = "vllm:streaming_sink_request_live_blocks_"
-    assert after[h + "count"] - before[h + "count"] == 1
-    assert after[h + "sum"] - before[h + "sum"] == policy.max_live_blocks(1)
-    assert after[h + "bucket{le=6.0}"] - before[h + "bucket{le=6.0}"] == 1  # at the decode bound
-    assert after[h + "bucket{le=5.0}"] == before[h + "bucket{le=5.0}"]
+    assert after[h + "count"] - idle[h + "count"] == 1
+    assert after[h + "sum"] - idle[h + "sum"] == policy.max_live_blocks(1)
+    assert after[h + "bucket{le=6.0}"] - idle[h + "bucket{le=6.0}"] == 1  # at the decode bound
+    assert after[h + "bucket{le=5.0}"] == idle[h + "bucket{le=5.0}"]
     # Every request so far (earlier tests prefill 256-token chunks) within the mid-prefill bound.
     chunk_bound = policy.max_live_blocks(256)  # --max-num-batched-tokens 256
     assert after[h + "bucket{le=" + f"{float(chunk_bound)}" + "}"] == after[h + "count"]
