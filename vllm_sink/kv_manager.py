@@ -76,7 +76,7 @@ class StreamingSinkManager(SlidingWindowManager):
         blocks = self.req_to_blocks.get(request_id)
         peak = self._peak.pop(request_id, 0)
         if blocks:
-            self.released_peaks[request_id] = max(peak, self._live(blocks))
+            self.released_peaks[request_id] = max(peak, self._live(blocks)[2])
             while len(self.released_peaks) > 4096:  # nobody drains them with --disable-log-stats
                 self.released_peaks.popitem(last=False)
         return super().pop_blocks_for_free(request_id)
@@ -95,9 +95,11 @@ class StreamingSinkManager(SlidingWindowManager):
                 hi = mid
         return lo
 
-    def _live(self, blocks) -> int:
-        sinks = sum(not b.is_null for b in blocks[:self.policy.sink_blocks])
-        return sinks + len(blocks) - self._gap_end(blocks)
+    def _live(self, blocks) -> tuple[int, int, int]:
+        """(sink blocks held, end of the null run, live blocks) of one request's table."""
+        pinned = sum(not b.is_null for b in blocks[:self.policy.sink_blocks])
+        gap_end = self._gap_end(blocks)
+        return pinned, gap_end, pinned + len(blocks) - gap_end
 
     def policy_stats(self) -> dict[str, int]:
         """Requests holding blocks: how many are past the window (a recycled gap),
@@ -105,12 +107,10 @@ class StreamingSinkManager(SlidingWindowManager):
         past = sinks = live = 0
         sb = self.policy.sink_blocks
         for request_id, blocks in self.req_to_blocks.items():
-            pinned = sum(not b.is_null for b in blocks[:sb])
-            gap_end = self._gap_end(blocks)
-            n = pinned + len(blocks) - gap_end
+            pinned, gap_end, n = self._live(blocks)
             live += n
             sinks += pinned
-            past += gap_end > min(sb, len(blocks))
+            past += gap_end > min(sb, len(blocks))  # a null run after the sinks
             if n > self._peak.get(request_id, 0):
                 self._peak[request_id] = n
         return {"requests_past_window": past, "sink_blocks": sinks, "live_blocks": live,
@@ -170,7 +170,3 @@ class StreamingSinkManager(SlidingWindowManager):
         grow = cdiv(num_tokens, self.block_size) - len(new_computed_blocks)
         new = max(0, min(grow, cap - held))
         return new + self._get_num_evictable_blocks(new_computed_blocks)
-
-    def live_block_count(self, request_id: str) -> int:
-        """Blocks this request really holds (diagnostics and tests)."""
-        return sum(not b.is_null for b in self.req_to_blocks.get(request_id, ()))
