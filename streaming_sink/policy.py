@@ -23,32 +23,7 @@ import functools
 import math
 from dataclasses import dataclass
 
-KV_POLICIES = ("none", "streaming-sink")
-DEFAULT_SINK_TOKENS = 4
-
-
-class PolicyConfigError(ValueError):
-    """A streaming-sink setting the engine cannot serve; the message names the flag."""
-
-
-def check_flags(kv_policy: str | None, sink_tokens: int | None, sink_window: int | None) -> dict | None:
-    """The user's three flags, checked for what needs no model (the rest waits for
-    it); the same rules and messages for every engine. None when the policy is off."""
-    kv_policy = kv_policy or "none"
-    if kv_policy not in KV_POLICIES:
-        raise PolicyConfigError(f"--kv-policy must be one of {', '.join(KV_POLICIES)}, got {kv_policy!r}")
-    if kv_policy == "none":
-        if sink_tokens is not None or sink_window is not None:
-            raise PolicyConfigError("--sink-tokens / --sink-window need --kv-policy streaming-sink")
-        return None
-    sink_tokens = DEFAULT_SINK_TOKENS if sink_tokens is None else int(sink_tokens)
-    if sink_tokens < 0:
-        raise PolicyConfigError(f"--sink-tokens must be >= 0 (0 is plain window attention), got {sink_tokens}")
-    if sink_window is not None and int(sink_window) <= 0:
-        raise PolicyConfigError(f"--sink-window must be a positive number of tokens, got {sink_window}")
-    return {"kv_policy": kv_policy, "sink_tokens": sink_tokens,
-            "sink_window": None if sink_window is None else int(sink_window)}
-
+from .errors import PolicyConfigError
 
 @dataclass(frozen=True)
 class SinkPolicy:
@@ -236,3 +211,10 @@ def _where(cond, a, b):
 
     return torch.where(cond, a, torch.as_tensor(b, device=cond.device, dtype=a.dtype)
                        if not isinstance(b, torch.Tensor) else b)
+
+
+# The flags' rules live in flags.py; these names stay importable from here for the
+# adapters that import them from the policy module.
+from .flags import DEFAULT_SINK_TOKENS, KV_POLICIES, check_flags  # noqa: E402
+
+__all__ = ["DEFAULT_SINK_TOKENS", "KV_POLICIES", "PolicyConfigError", "SinkPolicy", "check_flags"]

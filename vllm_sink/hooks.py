@@ -38,6 +38,9 @@ import contextlib
 import functools
 import logging
 
+from streaming_sink import flags as sink_flags
+from streaming_sink import versions
+from streaming_sink.hf_config import check_model_config, layer_window, rotary_table_len
 from streaming_sink.policy import PolicyConfigError, SinkPolicy, check_flags
 
 from . import config as sink_config
@@ -45,8 +48,7 @@ from . import config as sink_config
 # A child of "vllm" so our lines go through vLLM's own log handlers and format.
 logger = logging.getLogger("vllm.streaming_sink")
 
-CHECKED_VLLM_VERSIONS = ("0.32.0", "0.33.0")
-_FLAGS = ("kv_policy", "sink_tokens", "sink_window")
+CHECKED_VLLM_VERSIONS = versions.CHECKED_VERSIONS["vllm"]  # the table: streaming_sink/versions.py
 _installed = False
 
 
@@ -57,12 +59,7 @@ def vllm_version() -> str:
 
 
 def check_version() -> None:
-    version = vllm_version()
-    if version not in CHECKED_VLLM_VERSIONS:
-        raise PolicyConfigError(
-            f"--kv-policy streaming-sink was checked against vLLM {' and '.join(CHECKED_VLLM_VERSIONS)}; "
-            f"the installed vLLM is {version}. Install a checked version "
-            f"(pip install 'streaming-sink[vllm]') or run without --kv-policy.")
+    versions.check_version("vllm", vllm_version())
 
 
 def install() -> None:
@@ -72,10 +69,8 @@ def install() -> None:
         return
     _installed = True
     _install_flags()
-    if vllm_version() not in CHECKED_VLLM_VERSIONS:
-        logger.warning("streaming-sink: vLLM %s is not a checked version (%s); "
-                       "--kv-policy streaming-sink will refuse to start",
-                       vllm_version(), ", ".join(CHECKED_VLLM_VERSIONS))
+    if not versions.is_checked("vllm", vllm_version()):
+        logger.warning("%s", versions.unchecked_warning("vllm", vllm_version()))
         return
     _install_backend()
     _install_kv_spec()
@@ -86,19 +81,7 @@ def install() -> None:
 # ---- 1 + 2: flags and engine config ---------------------------------------
 
 def add_flags(parser) -> None:
-    group = parser.add_argument_group(
-        "streaming-sink", "StreamingLLM attention sinks: stream past the context window "
-        "with bounded KV memory (docs/architecture.md).")
-    group.add_argument("--kv-policy", choices=["none", "streaming-sink"], default="none",
-                       help="KV cache policy. 'streaming-sink' pins the first --sink-tokens "
-                            "tokens and keeps a sliding window of recent KV blocks.")
-    # vLLM's help formatter appends "(default: None)"; the help says what None means.
-    group.add_argument("--sink-tokens", type=int, default=None,
-                       help="Tokens kept forever as attention sinks; None means 4 "
-                            "(0: plain window attention, the baseline that collapses).")
-    group.add_argument("--sink-window", type=int, default=None,
-                       help="Recent tokens kept, a multiple of --block-size; None means the "
-                            "largest window the model's rotary table allows.")
+    sink_flags.add_flags(parser, "vllm")  # names, defaults and help: streaming_sink/flags.py
 
 
 def _install_flags() -> None:
@@ -118,7 +101,7 @@ def _install_flags() -> None:
 
     def from_cli_args(cls, args):
         engine_args = original_from(cls, args)
-        _store_flags(engine_args, {f: getattr(args, f, None) for f in _FLAGS})
+        _store_flags(engine_args, {f: getattr(args, f, None) for f in sink_flags.FLAGS})
         # Also into the namespace: with --api-server-count > 1 vLLM pickles it to API
         # server processes that run the stock from_cli_args before any plugin loads
         # (plugins load inside EngineArgs.__post_init__); --additional-config carries it.
@@ -158,7 +141,7 @@ def _wrap_init(cls) -> None:
 
 
 def _store_flags(engine_args, flags: dict) -> None:
-    if flags["kv_policy"] in (None, "none") and flags["sink_tokens"] is None and flags["sink_window"] is None:
+    if not sink_flags.flags_given(flags):
         return
     opts = check_flags(**flags)
     engine_args.additional_config = {**(engine_args.additional_config or {}), sink_config.KEY: opts}
@@ -202,25 +185,22 @@ def _create_streaming_config(args, original_create, opts, *a, **kw):
 
     text_config = vllm_config.model_config.hf_text_config
     _refuse_state_layers(vllm_config.model_config)
-    if not _has_rope(text_config):
-        raise PolicyConfigError(
-            f"--kv-policy streaming-sink needs a RoPE model; {vllm_config.model_config.model} "
-            f"({getattr(text_config, 'model_type', '?')}) has no rotary position embedding")
+    check_model_config(text_config, vllm_config.model_config.model)  # hybrids, RoPE (core rules)
     block_size = vllm_config.cache_config.block_size
     policy = SinkPolicy.resolve(
-        opts["sink_tokens"], opts["sink_window"], block_size,
-        int(getattr(text_config, "max_position_embeddings", 0) or 0), "the model")
-    # Layers with their own window (GPT-OSS) keep it; refused here, before the
-    # engine is built, when it reaches past the policy's window (the layer
-    # construction checks again with the per-layer value: backend.py).
-    layer_window = vllm_config.model_config.get_sliding_window()
-    if isinstance(layer_window, int):
-        policy.check_layer_window(layer_window, "the model")
+        opts["sink_tokens"], opts["sink_window"], block_size, rotary_table_len(text_config), "the model")
+    # Layers with their own window (GPT-OSS, Gemma 3) keep it; refused here, before the
+    # engine is built, when it reaches past the policy's window: the config's window
+    # (the core's rule) and vLLM's reading of it (the layer construction checks again
+    # with the per-layer value: backend.py).
+    for window in (layer_window(text_config), vllm_config.model_config.get_sliding_window()):
+        if isinstance(window, int):
+            policy.check_layer_window(window, "the model")
     vllm_config.additional_config[sink_config.KEY] = {
-        **opts, "window_tokens": policy.window_tokens, "block_size": block_size}
+        **sink_flags.resolved_settings(opts, policy), "inner_backend": inner}
     max_model_len = vllm_config.model_config.max_model_len
     logger.info("%s; max_model_len %d", policy.describe(), max_model_len)
-    _explain_stock_warnings(policy, max_model_len, int(getattr(text_config, "max_position_embeddings", 0) or 0))
+    _explain_stock_warnings(policy, max_model_len, rotary_table_len(text_config))
     return vllm_config
 
 
@@ -261,11 +241,12 @@ def _explain_stock_warnings(policy: SinkPolicy, max_model_len: int, context: int
 
 
 def _refuse_state_layers(model_config) -> None:
-    """Issue 12 (added beside the lead's checks): linear-attention / SSM hybrids
-    (Qwen3-Next, Jamba, Falcon-H1, NemotronH, ...) get MambaSpec KV cache groups whose
-    block size vLLM aligns with the attention groups' (platforms/interface.py
-    ``_align_hybrid_block_size``); the policy handles attention groups only. Refused
-    here, before the engine is built, naming the model type (streaming_sink/hybrid.py)."""
+    """Linear-attention / SSM hybrids (Qwen3-Next, Jamba, Falcon-H1, NemotronH, ...) get
+    MambaSpec KV cache groups whose block size vLLM aligns with the attention groups'
+    (platforms/interface.py ``_align_hybrid_block_size``); the policy handles attention
+    groups only. Refused here, before the engine is built, naming the model type: from
+    the HF config (streaming_sink/hybrid.py) or, where that finds nothing, from vLLM's
+    own verdict on its model class."""
     from streaming_sink.hybrid import refusal, state_layers
 
     state = state_layers(model_config.hf_text_config)
@@ -273,14 +254,6 @@ def _refuse_state_layers(model_config) -> None:
         state = "state (Mamba / linear-attention) layers (vLLM's model class is hybrid or attention-free)"
     if state is not None:
         raise PolicyConfigError(refusal(model_config.model, model_config.hf_config, state))
-
-
-def _has_rope(text_config) -> bool:
-    params = getattr(text_config, "rope_parameters", None) or {}
-    if isinstance(params, dict) and ("rope_theta" in params or "rope_type" in params
-                                     or any(isinstance(v, dict) for v in params.values())):
-        return True
-    return getattr(text_config, "rope_theta", None) is not None
 
 
 @contextlib.contextmanager

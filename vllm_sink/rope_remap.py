@@ -12,20 +12,8 @@ from __future__ import annotations
 
 import torch
 
-from streaming_sink.policy import PolicyConfigError, SinkPolicy
-from streaming_sink.rope import RotaryParams, params_from_cos_sin_table
-
-
-def rotary_params(rope: torch.nn.Module, policy: SinkPolicy, name: str) -> RotaryParams:
-    """Pure-rotation frequencies of a vLLM rotary module, checked against its table."""
-    for attr in ("rotary_dim", "is_neox_style", "cos_sin_cache"):
-        if not hasattr(rope, attr):
-            raise PolicyConfigError(
-                f"--kv-policy streaming-sink: layer {name} uses {type(rope).__name__}, "
-                f"which is not a standard rotary embedding")
-    table = rope._compute_cos_sin_cache()  # float32, before the dtype cast
-    return params_from_cos_sin_table(table, rope.rotary_dim, rope.is_neox_style, policy,
-                                     f"{name} ({type(rope).__name__})")
+from streaming_sink.policy import SinkPolicy
+from streaming_sink.rotary_walk import layer_rotaries, rotary_params  # noqa: F401 (rotary_params: tests)
 
 
 class CachePositionRope(torch.nn.Module):
@@ -53,29 +41,19 @@ class CachePositionRope(torch.nn.Module):
 
 def install(model: torch.nn.Module, impl_cls: type, attention_cls: type) -> int:
     """Wire every ``attention_cls`` layer whose impl is ``impl_cls`` to the rotary
-    module beside it. Returns how many layers were wired."""
-    wired: set[int] = set()
+    module beside it (the core's walk: streaming_sink/rotary_walk.py). Returns how
+    many layers were wired."""
+    def ours(m):
+        return isinstance(m, attention_cls) and isinstance(m.impl, impl_cls)
+
+    policy = next((m.impl.policy for m in model.modules() if ours(m)), None)
+    if policy is None:
+        return 0
+    found = layer_rotaries(model, ours, policy,
+                           unwrap=lambda r: r.rope if isinstance(r, CachePositionRope) else r)
     wrappers: dict[int, CachePositionRope] = {}  # one wrapper per shared rotary module
-    params: dict[int, RotaryParams] = {}  # one table read per rotary module (YaRN: 131072 rows)
-    for parent_name, parent in list(model.named_modules()):
-        rope = getattr(parent, "rotary_emb", None)
-        if not isinstance(rope, torch.nn.Module):
-            continue
-        for child_name, child in parent.named_children():
-            if isinstance(child, attention_cls) and isinstance(child.impl, impl_cls):
-                policy = child.impl.policy
-                base = rope.rope if isinstance(rope, CachePositionRope) else rope
-                if id(base) not in params:
-                    params[id(base)] = rotary_params(base, policy, f"{parent_name}.{child_name}")
-                child.impl.rope = params[id(base)]
-                if not isinstance(rope, CachePositionRope):
-                    rope = wrappers.setdefault(id(rope), CachePositionRope(rope, policy))
-                    parent.rotary_emb = rope
-                wired.add(id(child))
-    missing = [name for name, m in model.named_modules()
-               if isinstance(m, attention_cls) and isinstance(m.impl, impl_cls) and id(m) not in wired]
-    if missing:
-        raise PolicyConfigError(
-            f"--kv-policy streaming-sink needs RoPE attention; no rotary embedding found "
-            f"next to {len(missing)} attention layer(s), e.g. {missing[0]}")
-    return len(wired)
+    for f in found:
+        f.layer.impl.rope = f.params
+        if not isinstance(f.holder.rotary_emb, CachePositionRope):
+            f.holder.rotary_emb = wrappers.setdefault(id(f.rope), CachePositionRope(f.rope, policy))
+    return len(found)
