@@ -806,6 +806,8 @@ def main() -> int:
     progress(f"device: {dev_name}; torch {torch.__version__}, triton {triton.__version__}; "
              f"imports beyond torch/triton/stdlib: {', '.join(extra) or 'none'}")
 
+    # the reference's fp32 matmuls must not run in TF32 (its error would reach fp16's rounding)
+    torch.set_float32_matmul_precision("highest")
     res["correctness"] = run_correctness(device, interpret, args)
     deadline = T0 + args.budget_s
     smoke = interpret and args.timing_smoke
