@@ -110,7 +110,7 @@ def main() -> None:
     args.enforce_eager, args.temperature, args.ignore_eos = False, 0.0, True
     args.max_model_len = 65536
 
-    from streaming_sink import prepare
+    from streaming_sink_tools import prepare
 
     for k, v in THREAD_ENV.items():
         os.environ.setdefault(k, v)

@@ -314,7 +314,7 @@ def main() -> None:
     elif args.tiny:
         model = tiny_model()
     else:
-        from streaming_sink.prepare import default_model_path
+        from streaming_sink_tools.prepare import default_model_path
 
         model = default_model_path(prepare=True, dtype="float32")
     cfg = json.load(open(os.path.join(model, "config.json")))

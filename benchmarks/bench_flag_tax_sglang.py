@@ -282,7 +282,7 @@ def main() -> None:
     elif args.tiny:
         model = tiny_model()
     else:
-        from streaming_sink.prepare import AssetError, default_model_path
+        from streaming_sink_tools.prepare import AssetError, default_model_path
 
         try:
             model = default_model_path(prepare=False, dtype=args.dtype)

@@ -62,7 +62,7 @@ def load_ids(model: str, n_tokens: int, text_file: str | None, book: str) -> lis
     if text_file:
         text = Path(text_file).read_text(encoding="utf-8")
     else:
-        from streaming_sink.prepare import corpus_text
+        from streaming_sink_tools.prepare import corpus_text
 
         text = corpus_text(None if book in (None, "all") else book)
     tok = AutoTokenizer.from_pretrained(model)

@@ -249,7 +249,7 @@ def resolve_model(name: str, dtype: str | None, tiny_positions: int = 4096) -> t
         path = build_tiny_llama(os.path.join(tmp, "tiny"), max_position_embeddings=tiny_positions)
         return path, f"tiny random Llama (2 layers, hidden 128, head_dim 32, {tiny_positions} positions)"
     if name == "smollm2":
-        from streaming_sink import prepare
+        from streaming_sink_tools import prepare
 
         return prepare.default_model_path(dtype=dtype), "SmolLM2-135M-Instruct"
     return str(Path(name).expanduser().resolve()), Path(name).name
@@ -264,7 +264,7 @@ def prompt_ids(model_arg: str, model: str, n: int, vocab: int, control: bool = F
 
         rng = random.Random(1 if control else 0)
         return [rng.randrange(3, vocab) for _ in range(n)], f"{n:,} seeded random token ids in [3, {vocab})"
-    from streaming_sink import prepare
+    from streaming_sink_tools import prepare
 
     if model_arg == "smollm2":
         ids = prepare.corpus_tokens().tolist()  # the six Austen novels, SmolLM2 token ids

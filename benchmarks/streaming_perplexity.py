@@ -118,7 +118,7 @@ def load_stream(n_tokens: int, book: str | None = "emma", model: str | None = No
 
     ``model``: a folder that is not the prepared SmolLM2 tokenizes the same text with its own
     tokenizer, special tokens included (Gemma: ``<bos>`` first, as it is meant to be prompted)."""
-    from streaming_sink.prepare import MODEL_NAME, corpus_text, corpus_tokens
+    from streaming_sink_tools.prepare import MODEL_NAME, corpus_text, corpus_tokens
 
     if model is None or Path(model).name.startswith(MODEL_NAME):
         ids = corpus_tokens(None if book in (None, "all") else book)
@@ -436,9 +436,9 @@ def main(argv: list[str] | None = None) -> int:
     configs = [parse_config(c) for c in args.configs.split(",") if c.strip()]
     for c in configs:
         c.window(args.block_size)  # fail before any engine starts
-    from streaming_sink.prepare import default_model_path
+    from streaming_sink_tools.prepare import default_model_path
 
-    from streaming_sink.prepare import MODELS
+    from streaming_sink_tools.prepare import MODELS
 
     model = default_model_path(model=args.model) if args.model in MODELS else (args.model or default_model_path())
     set_threads(args.threads)

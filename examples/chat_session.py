@@ -318,7 +318,7 @@ def main() -> None:
     args, serve_args = ap.parse_known_args()
     if args.base_url and serve_args:
         ap.error(f"unknown options {serve_args} (with --base-url nothing goes to `vllm serve`)")
-    from streaming_sink import prepare
+    from streaming_sink_tools import prepare
 
     term = Terminal()
     out = Path(args.out or prepare.cache_dir() / "chat").expanduser()

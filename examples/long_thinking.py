@@ -69,7 +69,7 @@ def main() -> None:
     ap.add_argument("--timeout", type=float, default=900, help="seconds allowed for the server to start")
     args, serve_args = ap.parse_known_args()
 
-    from streaming_sink import prepare
+    from streaming_sink_tools import prepare
 
     if args.model:
         from transformers import AutoTokenizer

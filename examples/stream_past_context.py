@@ -280,7 +280,7 @@ def main() -> None:
     ap.add_argument("--timeout", type=float, default=900, help="seconds allowed for the server to start")
     args, serve_args = ap.parse_known_args()  # the rest goes to `vllm serve` (e.g. --block-size 32)
 
-    from streaming_sink import prepare
+    from streaming_sink_tools import prepare
 
     term = Terminal()
     out = Path(args.out or prepare.cache_dir() / "demo").expanduser()

@@ -1,4 +1,4 @@
-"""`streaming-sink diagnose` (streaming_sink/diagnose.py, streaming_sink/cli.py).
+"""`streaming-sink diagnose` (streaming_sink_tools/diagnose.py, streaming_sink_tools/cli.py).
 
 The figures against hand computations; tiny models built so that chosen heads have a known
 sink (and one head is also dormant), a model with exactly uniform attention, learned sink
@@ -19,8 +19,8 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from streaming_sink import diagnose as D  # noqa: E402
-from streaming_sink.cli import main  # noqa: E402
+from streaming_sink_tools import diagnose as D  # noqa: E402
+from streaming_sink_tools.cli import main  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 T = 128  # tokens per window in the tiny-model tests (max_position_embeddings 256)
@@ -297,7 +297,7 @@ def test_cli_refuses_a_text_shorter_than_length(sink_llama, tmp_path, capsys):
 
 def test_cli_error_has_no_traceback_in_a_real_process(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    p = subprocess.run([sys.executable, "-m", "streaming_sink.cli", "diagnose", str(tmp_path), "--text", __file__],
+    p = subprocess.run([sys.executable, "-m", "streaming_sink_tools.cli", "diagnose", str(tmp_path), "--text", __file__],
                        check=False, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
     assert p.returncode == 1
     assert "Traceback" not in p.stderr and p.stderr.strip().count("\n") == 0, p.stderr
@@ -309,7 +309,7 @@ def test_cli_error_has_no_traceback_in_a_real_process(tmp_path):
 
 @pytest.mark.assets
 def test_smollm2_has_a_first_token_sink(tmp_path):
-    from streaming_sink import prepare as P
+    from streaming_sink_tools import prepare as P
 
     try:
         model = P.default_model_path(prepare=True, dtype="float32")

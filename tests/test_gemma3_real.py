@@ -22,7 +22,7 @@ import os
 import pytest
 import torch
 
-from streaming_sink import prepare as P
+from streaming_sink_tools import prepare as P
 
 REQUESTED = os.environ.get("STREAMING_SINK_GEMMA3") == "1"
 real = pytest.mark.skipif(not REQUESTED, reason="opt-in: STREAMING_SINK_GEMMA3=1 (needs the Gemma 3 GGUF wheels)")

@@ -1,4 +1,4 @@
-"""Offline assets (streaming_sink.prepare): the SmolLM2 HF folder and the Austen corpus.
+"""Offline assets (streaming_sink_tools.prepare): the SmolLM2 HF folder and the Austen corpus.
 
 Tests marked ``assets`` build the real assets into the shared cache
 (``$STREAMING_SINK_CACHE`` or ``~/.cache/streaming-sink``) on first use: ~1 min
@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from streaming_sink import prepare as P
+from streaming_sink_tools import prepare as P
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -77,7 +77,7 @@ def corpus_info() -> dict:
 
 def test_module_imports_no_engine_or_heavy_libs():
     code = (
-        "import sys, streaming_sink.prepare\n"
+        "import sys, streaming_sink_tools.prepare\n"
         "bad = [m for m in ('vllm', 'sglang', 'transformers', 'gguf', 'rdata') if m in sys.modules]\n"
         "assert not bad, bad\n"
     )
@@ -294,7 +294,7 @@ def test_cli_corpus_is_idempotent_and_prints_counts(corpus_info):
     env = dict(os.environ)
     t0 = time.perf_counter()
     res = subprocess.run(
-        [sys.executable, "-m", "streaming_sink.prepare", "corpus"],
+        [sys.executable, "-m", "streaming_sink_tools.prepare", "corpus"],
         cwd=ROOT, env=env, capture_output=True, text=True, check=True,
     )
     assert time.perf_counter() - t0 < 30  # no rebuild: only the interpreter start-up

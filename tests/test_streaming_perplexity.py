@@ -34,7 +34,7 @@ SINKS4, WINDOW_ONLY = sp.parse_config("S4@288"), sp.parse_config("S0@288")  # W=
 
 
 def _assets() -> str:
-    from streaming_sink import prepare as P
+    from streaming_sink_tools import prepare as P
 
     try:
         P.gguf_path()

@@ -24,7 +24,7 @@ place, then renamed), so an interrupted run never leaves half an asset behind.
   ``<bos>`` as Gemma's own does (the GGUF conversion drops it; Gemma leans on it as its sink).
   Never fetched by the demo or CI unless a test asks (``STREAMING_SINK_GEMMA3=1``).
 
-Command line (``streaming-sink-prepare`` or ``python -m streaming_sink.prepare``)::
+Command line (``streaming-sink-prepare`` or ``python -m streaming_sink_tools.prepare``)::
 
     streaming-sink-prepare model [--model smollm2|gemma3-270m] [--dtype bfloat16|float32] [--out DIR] [--force]
     streaming-sink-prepare corpus [--deb FILE] [--force]
@@ -437,7 +437,7 @@ def default_model_path(prepare: bool = True, dtype: str | None = None, model: st
             f"no prepared model at {folder}; run `streaming-sink-prepare model"
             f"{'' if model is None else ' --model ' + model}"
             f"{'' if dtype is None else ' --dtype ' + _check_dtype(dtype)}` "
-            f"(or `python -m streaming_sink.prepare model`)"
+            f"(or `python -m streaming_sink_tools.prepare model`)"
         )
     return str(folder)
 
@@ -668,7 +668,7 @@ def corpus_info(prepare: bool = True) -> dict:
     if marker is None:
         raise AssetError(
             f"no prepared corpus at {corpus_dir()}; run `streaming-sink-prepare corpus` "
-            f"(or `python -m streaming_sink.prepare corpus`)"
+            f"(or `python -m streaming_sink_tools.prepare corpus`)"
         )
     return marker
 

@@ -17,7 +17,7 @@ PROG = "streaming-sink"
 
 
 def _add_diagnose(sub) -> None:
-    from streaming_sink.diagnose import DEFAULTS
+    from streaming_sink_tools.diagnose import DEFAULTS
 
     p = sub.add_parser(
         "diagnose",
@@ -62,7 +62,7 @@ def _run_diagnose(args) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    from streaming_sink import diagnose as D
+    from streaming_sink_tools import diagnose as D
 
     res = D.diagnose(
         args.model, text_file=args.text, corpus=None if args.text else (args.corpus or "austen"),
@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     for add in _COMMANDS:
         add(sub)
     args = parser.parse_args(argv)
-    from streaming_sink.diagnose import DiagnoseError
+    from streaming_sink_tools.diagnose import DiagnoseError
 
     try:
         return args.run(args)

@@ -246,7 +246,7 @@ def read_text(text: str | None = None, text_file: str | os.PathLike | None = Non
         except OSError as err:
             raise DiagnoseError(f"--text {p}: {err.strerror or err}") from None
     if corpus == "austen":
-        from streaming_sink import prepare
+        from streaming_sink_tools import prepare
 
         try:
             return prepare.corpus_text(None, prepare=True), "austen (six novels, r-cran-janeaustenr)"
