@@ -16,8 +16,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-pytest.importorskip("transformers")
+from assets import require_asset, require_modules
+
+require_modules("torch", "transformers", hint="pip install 'streaming-sink[test]'")
+import torch  # noqa: E402
 
 from streaming_sink_tools import diagnose as D  # noqa: E402
 from streaming_sink_tools.cli import main  # noqa: E402
@@ -311,11 +313,9 @@ def test_cli_error_has_no_traceback_in_a_real_process(tmp_path):
 def test_smollm2_has_a_first_token_sink(tmp_path):
     from streaming_sink_tools import prepare as P
 
-    try:
-        model = P.default_model_path(prepare=True, dtype="float32")
-        text = P.corpus_text("emma", prepare=True)
-    except P.AssetError as err:
-        pytest.skip(str(err))
+    model = require_asset("the prepared SmolLM2 folder (float32)",
+                          lambda: P.default_model_path(prepare=True, dtype="float32"))
+    text = require_asset("the Austen corpus", lambda: P.corpus_text("emma", prepare=True))
     res = D.diagnose(model, text=text, samples=2, length=256)
     first = np.array(res["first_token_share"])
     assert first.shape == (30, 9)

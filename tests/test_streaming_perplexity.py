@@ -26,6 +26,7 @@ sp = importlib.util.module_from_spec(_spec)
 sys.modules.setdefault("streaming_perplexity", sp)
 _spec.loader.exec_module(sp)
 
+from assets import require_asset  # noqa: E402
 from streaming_sink.policy import SinkPolicy  # noqa: E402
 
 TOKENS = 4096
@@ -36,12 +37,8 @@ SINKS4, WINDOW_ONLY = sp.parse_config("S4@288"), sp.parse_config("S0@288")  # W=
 def _assets() -> str:
     from streaming_sink_tools import prepare as P
 
-    try:
-        P.gguf_path()
-        model = P.default_model_path(prepare=True)
-        P.corpus_info(prepare=True)
-    except (P.AssetError, ImportError) as err:
-        pytest.skip(f"offline assets unavailable: {err}")
+    model = require_asset("the prepared SmolLM2 folder", lambda: P.default_model_path(prepare=True))
+    require_asset("the Austen corpus", lambda: P.corpus_info(prepare=True))
     return model
 
 
