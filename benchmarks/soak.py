@@ -83,7 +83,8 @@ ITERATION = re.compile(r"Iteration\(\d+\): \d+ context requests, (\d+) context t
                        r"\d+ generation requests, (\d+) generation tokens")
 ENV_DEFAULTS = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1",
                 "DO_NOT_TRACK": "1", "VLLM_HOST_IP": "127.0.0.1", "VLLM_CPU_KVCACHE_SPACE": "1",
-                # stable figures on a shared 2-core box (docs: ENVIRONMENT.md "Benchmarking")
+                # stable figures on a shared 2-core box: one unbound OpenMP thread (docs/speed.md);
+                # vLLM CPU's default, 2 bound threads, stalls decode when the box is loaded
                 "OMP_NUM_THREADS": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind"}
 
 

@@ -45,7 +45,7 @@ class Attend:
 class Contract:
     """``sink_tokens=None`` is the policy off: plain causal attention, natural positions.
 
-    Otherwise (DESIGN.md): ``Sb = ceil(S / bs)``; a query at ``t`` lives in block
+    Otherwise (the contract, docs/architecture.md): ``Sb = ceil(S / bs)``; a query at ``t`` lives in block
     ``j = t // bs``; dense if ``j <= Sb + Wb`` (keys ``[0, t]`` at natural positions),
     else streaming with ``ws = (j - Wb) * bs``: keys ``[0, S) + [ws, t]``, sink key
     ``k`` at ``k``, window key ``k`` at ``S + (k - ws)``, the query at ``S + (t - ws)``.

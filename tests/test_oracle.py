@@ -30,7 +30,7 @@ def _hf_logprobs(model, ids):
     return torch.log_softmax(model(torch.tensor([ids])).logits[0].double(), -1)
 
 
-# ---- the contract, worked by hand from DESIGN.md ----------------------------
+# ---- the contract (docs/architecture.md), worked by hand -------------------
 def test_contract_hand_cases():
     c = Contract(4, 16, 2)  # Sb = 1, dense for blocks 0..3 (t < 64)
     assert c.sink_blocks == 1 and c.dense_tokens() == 64
