@@ -20,6 +20,8 @@ one slot is one token.
 
 from __future__ import annotations
 
+import logging
+
 from streaming_sink.policy import SinkPolicy
 
 PREFIX = "sglang:streaming_sink_"
@@ -33,12 +35,22 @@ def kv_token_buckets(policy: SinkPolicy, chunk: int) -> list[float]:
     return sorted({float(2 ** k) for k in range(4, 21)} | {float(b) for b in bounds})
 
 
+class _Request:
+    """One running request's share of the gauges, and the most KV slots of its own it held."""
+
+    __slots__ = ("past", "pinned", "peak")
+
+    def __init__(self) -> None:
+        self.past = self.pinned = self.peak = 0
+
+
 class SinkMetrics:
     """The four series, and the running totals behind the two gauges.
 
-    Per request (stored on its ``EvictionCursor``): whether it is past the window,
-    the sink slots it pins, the most KV slots of its own it held. A request
-    leaves the totals when its KV is released (finish, abort, retract)."""
+    Fed by touch points 4/5 (eviction.py) after they act: each step's requests
+    (``observe_step``) and each release of a request's KV (``observe_release``: finish,
+    abort, retract). Per request, keyed by its eviction cursor: whether it is past the
+    window, the sink slots it pins, the most KV slots of its own it held."""
 
     def __init__(self, policy: SinkPolicy, labels: dict, chunk: int,
                  gauge_cls=None, counter_cls=None, histogram_cls=None) -> None:
@@ -69,27 +81,34 @@ class SinkMetrics:
                           "+ the step's new tokens), observed when it releases its KV.",
             labelnames=names, buckets=kv_token_buckets(policy, chunk)).labels(**self.labels)
         self.past = self.pinned = 0
+        self.requests: dict[int, _Request] = {}  # id(cursor) -> its share
         self.past_window_reqs.set(0)
         self.pinned_tokens.set(0)
 
-    def update(self, cursor, tokens_in_cache: int) -> None:
-        """A request's state before a step's allocation (after the policy's free)."""
-        past = int(self.policy.is_streaming(tokens_in_cache // self.policy.block_size))
-        pinned = min(tokens_in_cache, self.policy.sink_tokens)
-        d_past, d_pinned = past - cursor.past, pinned - cursor.pinned
-        cursor.past, cursor.pinned = past, pinned
-        self._move(d_past, d_pinned)
+    def observe_step(self, steps, recycled: int) -> None:
+        """One step's eviction: ``steps`` = (cursor, slots of its own held before this step's
+        free, tokens in its cache) per request; ``recycled`` slots went back to the pool."""
+        for cursor, held, tokens_in_cache in steps:
+            req = self.requests.setdefault(id(cursor), _Request())
+            req.peak = max(req.peak, held)  # held since the previous step's allocation
+            past = int(self.policy.is_streaming(tokens_in_cache // self.policy.block_size))
+            pinned = min(tokens_in_cache, self.policy.sink_tokens)
+            self._move(past - req.past, pinned - req.pinned)
+            req.past, req.pinned = past, pinned
+        if recycled:
+            self.recycled_tokens.inc(recycled)
 
-    def recycled(self, slots: int) -> None:
-        if slots:
-            self.recycled_tokens.inc(slots)
+    def observe_release(self, cursor, held: int) -> None:
+        """The request gave its KV back, holding ``held`` slots of its own (its final row)."""
+        req = self.requests.pop(id(cursor), None) or _Request()
+        self._move(-req.past, -req.pinned)
+        self.live_kv_tokens.observe(max(req.peak, held))
 
-    def release(self, cursor, observe: bool = True) -> None:
-        """The request gave its KV back (``observe``: it was a real release, not a stale entry)."""
-        self._move(-cursor.past, -cursor.pinned)
-        cursor.past = cursor.pinned = 0
-        if observe:
-            self.live_kv_tokens.observe(cursor.peak)
+    def forget(self, cursor) -> None:
+        """A request whose release was never seen (its cursor was replaced): out of the gauges."""
+        req = self.requests.pop(id(cursor), None)
+        if req is not None:
+            self._move(-req.past, -req.pinned)
 
     def _move(self, d_past: int, d_pinned: int) -> None:
         if d_past:
@@ -98,3 +117,22 @@ class SinkMetrics:
         if d_pinned:
             self.pinned += d_pinned
             self.pinned_tokens.set(self.pinned)
+
+
+# ---- touch point 9 (hooks.py): SchedulerMetricsCollector.init_new, AFTER ------------------
+
+def on_metrics_collector(ctx, cls, *args, server_args=None, **kwargs):
+    """After SGLang built its scheduler metrics: ours, with its labels and metric classes,
+    where it publishes its own (one series per scheduler rank that does)."""
+    from . import config as sink_config
+    from .state import state
+
+    policy = sink_config.policy_of(server_args) if server_args is not None else None
+    collector = getattr(ctx, "collector", None)
+    if policy is None or collector is None or not ctx.current_scheduler_metrics_enabled:
+        return ctx
+    state.metrics = SinkMetrics(policy, collector.labels, server_args.chunked_prefill_size or 1,
+                                type(collector)._gauge_cls, type(collector)._counter_cls,
+                                type(collector)._histogram_cls)
+    logging.getLogger("sglang.streaming_sink").info("streaming-sink: Prometheus metrics %s* on", PREFIX)
+    return ctx

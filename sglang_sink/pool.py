@@ -19,15 +19,12 @@ class EvictionCursor:
     """Per request: row positions ``[start, freed_to)`` are back in the pool, where
     ``start = max(sink_end, protected)`` (``protected``: the tree-owned prefix)."""
 
-    __slots__ = ("sink_end", "protected", "start", "freed_to", "peak", "past", "pinned")
+    __slots__ = ("sink_end", "protected", "start", "freed_to")
 
     def __init__(self, policy: SinkPolicy, protected: int = 0) -> None:
         self.sink_end = policy.sink_blocks * policy.block_size
         self.protected = protected
         self.start = self.freed_to = max(self.sink_end, protected)
-        # For the metrics (metrics.py): the most slots of its own the request held at
-        # once, whether it is past the window, the sink slots it pins.
-        self.peak = self.past = self.pinned = 0
 
     def advance(self, policy: SinkPolicy, tokens_in_cache: int) -> tuple[int, int] | None:
         """The row range that no later query reads once ``tokens_in_cache`` tokens

@@ -2,7 +2,7 @@
 
 The Engine runs its scheduler in a spawned process; the plugin writes one JSON
 line per scheduler step to ``$SGLANG_SINK_TRACE``: the slots each running request
-holds and the slots in use in SGLang's allocator (sglang_sink/hooks.py:_trace).
+holds and the slots in use in SGLang's allocator (sglang_sink/trace.py).
 """
 
 from __future__ import annotations

@@ -102,7 +102,7 @@ def _apply(model: str, caplog, **kwargs):
     from sglang.srt.plugins import load_plugins
     from sglang.srt.server_args import ServerArgs
 
-    from sglang_sink.hooks import apply_flags
+    from sglang_sink.flags import apply_flags
 
     load_plugins()  # the hooks, applied as in every SGLang process (startup checks them)
     sa = ServerArgs(model_path=model, device="cpu", **kwargs)

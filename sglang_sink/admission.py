@@ -1,0 +1,73 @@
+"""Touch points 6 and 7 (hooks.py): admission and length limits, with the policy on only.
+
+SGLang reserves a request's whole length in the KV pool (prompt + every new token) and
+caps a request's length at the pool's size. Under the policy a request never holds more
+than its live bound, ``S + W + 1 + chunk`` slots, so that is what it claims, and the
+longest request is ``--context-length``. With ``state.policy`` None every hook passes
+through unchanged. No SGLang import.
+"""
+
+from __future__ import annotations
+
+from . import config as sink_config
+from .state import state
+
+
+def _demand_cap(chunk: int | None = None) -> int:
+    policy = state.policy
+    return policy.max_live_blocks(max(chunk or 1, 1)) * policy.block_size
+
+
+def max_new_tokens_for_memory(original, allocator, input_tokens, max_new_tokens, **kwargs):
+    """AROUND ``BaseTokenToKVPoolAllocator.max_new_tokens_for_memory``: no clipping to the pool."""
+    if state.policy is None:
+        return original(allocator, input_tokens, max_new_tokens, **kwargs)
+    return max_new_tokens  # the stream never holds more than its window
+
+
+def check_prefill(original, budget, **kwargs):
+    """AROUND ``PrefillBudget.check_prefill``: a prompt's demand is at most its live bound."""
+    if state.policy is not None:
+        cap = _demand_cap(kwargs.get("chunk_limit"))
+        kwargs["total_tokens"] = min(kwargs["total_tokens"], cap)
+    return original(budget, **kwargs)
+
+
+def reserve(original, budget, extend_input_len, max_new_tokens, **kwargs):
+    """AROUND ``PrefillBudget.reserve``: what an admitted request keeps claiming."""
+    if state.policy is not None:
+        max_new_tokens = min(max_new_tokens, _demand_cap())
+    return original(budget, extend_input_len, max_new_tokens, **kwargs)
+
+
+def add_one_req(original, adder, req, *args, **kwargs):
+    """AROUND ``PrefillAdder.add_one_req``: ``ignore_eos`` requests take the normal path
+    (SGLang's ignore-eos estimate assumes every generated token stays in the pool)."""
+    if state.policy is None or not req.sampling_params.ignore_eos:
+        return original(adder, req, *args, **kwargs)
+    req.sampling_params.ignore_eos = False  # read only to pick the admission path
+    try:
+        return original(adder, req, *args, **kwargs)
+    finally:
+        req.sampling_params.ignore_eos = True
+
+
+def running_offset(original, adder, req):
+    """AROUND ``PrefillAdder._get_running_request_total_token_offset``: a running request
+    still claims its live bound at most."""
+    offset = original(adder, req)
+    return offset if state.policy is None else min(offset, _demand_cap())
+
+
+def request_limits(result, scheduler, *args, **kwargs):
+    """AFTER ``Scheduler.init_model_worker`` (touch point 7): SGLang caps the longest request
+    at ``min(context, KV pool) - 1``; under the policy only the context applies. The
+    scheduler's named limits are raised by the same amount (SGLang's input margin kept)."""
+    if sink_config.policy_of(scheduler.server_args) is None:
+        return result
+    longest = scheduler.model_config.context_len - 1
+    extra = longest - scheduler.max_req_len
+    if extra > 0:
+        scheduler.max_req_len += extra
+        scheduler.max_req_input_len += extra
+    return result

@@ -1,0 +1,152 @@
+"""Checks the table of SGLang touch points (``sglang_sink.hooks.hook_targets``) against the
+installed SGLang, without a GPU: every target exists with the parameters our code calls,
+overrides or receives through a hook. The SGLang twin of tests/hook_check.py (vLLM), whose
+engine-free parts it reuses: how a call binds, the parameter names of a function.
+
+Patched targets are seen through: ``HookRegistry`` wraps the original with
+``functools.wraps`` (``__wrapped__``), so the check gives the same answer before and
+after the plugin's hooks are applied.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import importlib
+import inspect
+import textwrap
+
+import hook_check  # tests/hook_check.py: _check_call, _params, _names, _raw
+
+_MISSING = object()
+_OUR_MODULES = ("sglang_sink.backend", "sglang_sink.radix_cache")
+
+
+def sglang_original(fn):
+    """The SGLang function behind HookRegistry's wrappers, else ``fn`` itself."""
+    while inspect.isfunction(fn) and fn.__code__.co_filename.endswith("hook_registry.py") \
+            and getattr(fn, "__wrapped__", None) is not None:
+        fn = fn.__wrapped__
+    return fn
+
+
+def _assigned_in_source(cls, name: str) -> bool:
+    """``self.<name>`` assigned (plain, annotated, augmented, or in a tuple target) in the
+    body of ``cls`` or an SGLang base."""
+    for base in cls.__mro__:
+        if not base.__module__.startswith("sglang."):
+            continue
+        try:
+            tree = ast.parse(textwrap.dedent(inspect.getsource(base)))
+        except (OSError, TypeError, SyntaxError):
+            continue
+        for node in ast.walk(tree):
+            targets = node.targets if isinstance(node, ast.Assign) else \
+                [node.target] if isinstance(node, (ast.AnnAssign, ast.AugAssign)) else []
+            for target in targets:
+                for t in ast.walk(target):
+                    if isinstance(t, ast.Attribute) and t.attr == name and \
+                            isinstance(t.value, ast.Name) and t.value.id == "self":
+                        return True
+    return False
+
+
+def resolve(target: str):
+    """(owner, name, value) for ``"module:Qual.name"``; value is _MISSING for an instance
+    attribute (a field without a class default, or ``self.x = ...``)."""
+    module_name, _, qualname = target.partition(":")
+    owner = importlib.import_module(module_name)
+    *path, name = qualname.split(".")
+    for part in path:
+        owner = getattr(owner, part)
+    try:
+        return owner, name, hook_check._raw(owner, name)
+    except AttributeError:
+        if inspect.isclass(owner):
+            if dataclasses.is_dataclass(owner) and name in {f.name for f in dataclasses.fields(owner)}:
+                return owner, name, _MISSING
+            if any(name in getattr(b, "__annotations__", {}) for b in owner.__mro__):
+                return owner, name, _MISSING
+            if _assigned_in_source(owner, name):
+                return owner, name, _MISSING
+        raise
+
+
+def check_target(kind: str, target: str, expected) -> str | None:
+    """None when ``target`` is as the table says; else what differs."""
+    try:
+        _, _, value = resolve(target)
+    except (ImportError, AttributeError) as e:
+        return f"{target}: not found ({type(e).__name__}: {e})"
+    if kind == "attr":
+        return None
+    if inspect.isclass(value):  # a call of a class: its __init__
+        value = value.__init__
+    if value is _MISSING or not callable(value):
+        return f"{target}: found, but not a function ({kind} expected)"
+    params = hook_check._params(sglang_original(value))
+    if kind in ("hooked", "override"):
+        actual = hook_check._names(params)
+        if actual != tuple(expected):
+            return f"{target}: parameters {actual}, our {kind} expects {tuple(expected)}"
+        return None
+    if kind == "call":
+        problem = hook_check._check_call(params, tuple(expected))
+        return f"{target}: {problem} (has {hook_check._names(params)})" if problem else None
+    return f"{target}: unknown kind {kind!r}"
+
+
+def check_all(targets) -> list[str]:
+    return [p for p in (check_target(*t) for t in targets) if p]
+
+
+def our_classes() -> list[type]:
+    """Our subclasses of SGLang classes (the attention backend, the radix cache)."""
+    classes = []
+    for module_name in _OUR_MODULES:
+        module = importlib.import_module(module_name)
+        for value in vars(module).values():
+            if (inspect.isclass(value) and value.__module__ == module_name
+                    and any(b.__module__.startswith("sglang.") for b in value.__mro__)):
+                classes.append(value)
+    return classes
+
+
+def check_overrides(targets) -> list[str]:
+    """Every name our classes override on an SGLang base has a table entry (so the table
+    cannot fall behind our code), and an ``override`` entry's parameters are ours."""
+    entries: dict[str, list] = {}
+    for kind, target, expected in targets:
+        try:
+            owner, name, _ = resolve(target)
+        except (ImportError, AttributeError):
+            continue  # reported by check_all
+        entries.setdefault(name, []).append((owner, kind, expected))
+    problems = []
+    for cls in our_classes():
+        bases = [b for b in cls.__mro__ if b.__module__.startswith("sglang.")]
+        ours = [b for b in cls.__mro__ if b.__module__.startswith("sglang_sink")]
+        for name in sorted({n for b in ours for n in vars(b)}):
+            if (name.startswith("__") and name != "__init__") or name in ("_abc_impl", "_is_protocol"):
+                continue
+            if not any(name in vars(b) for b in bases):
+                continue  # our own name, not an override
+            hits = [(k, e) for owner, k, e in entries.get(name, ()) if owner in bases]
+            if not hits:
+                base = next(b for b in bases if name in vars(b))
+                problems.append(f"{cls.__qualname__}.{name} overrides SGLang's {base.__qualname__}.{name}, "
+                                "which hooks.hook_targets() does not list")
+                continue
+            fn = hook_check._raw(next(b for b in ours if name in vars(b)), name)
+            for kind, expected in hits:
+                if kind != "override" or not inspect.isfunction(fn):
+                    continue
+                params = hook_check._params(fn)
+                names = hook_check._names(params)
+                extra = params[len(expected):]
+                if names[:len(expected)] != tuple(expected) or any(
+                        p.default is p.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD, p.KEYWORD_ONLY)
+                        for p in extra):
+                    problems.append(f"{cls.__qualname__}.{name}{names}: the table says SGLang's takes "
+                                    f"{tuple(expected)}")
+    return problems
