@@ -18,6 +18,8 @@ tokens/s, with policy / stock ratios of both.
 |   |        |       | stock holding the same live KV (S+W-token prompts), 128 new each (``--past-new``); |
 |   |        |       | a second row gives the prefill phase of the same runs (2*W-token prompts, |
 |   |        |       | streaming past S+W, vs S+W-token dense ones: tokens/s of unlike work, for scale) |
+| 5 | W=1024 | stock | prefill of one 7000-token prompt (``--long-prompt``; max_new_tokens 1, the whole call |
+|   |        |       | timed): the policy streams past S+W chunk by chunk, stock attends the whole prompt |
 
 Sizes: the vLLM table's, cut to what 2 shared cores afford with two or three engines up: batch 8
 (the issue's SGLang row used 8 streams; vLLM's table 16), case 4's prompts 2*W (vLLM's 4*W).
@@ -42,7 +44,7 @@ printed if they ever exceed 2% of a run's (runs of at least 1 CPU-s).
 
 Engines (only those the chosen ``--cases`` need; engines are keyed by window, so
 ``--dense-window`` equal to the window shares one): stock, and the policy (S = ``--sink-tokens``)
-at W = 2048 (cases 1-3) and 1024 (case 4). Every engine: same ``--dtype``, ``max_total_tokens``
+at W = 2048 (cases 1-3) and 1024 (cases 4-5). Every engine: same ``--dtype``, ``max_total_tokens``
 (the largest batch * (prompt + new) of the chosen runs + 1024), ``chunked_prefill_size`` 2048
 (case 3 is one prefill step; 1024 with --tiny), ``max_running_requests`` 16, ``random_seed`` 0,
 radix cache off (the policy turns it off; stock would otherwise hit its cache on repeated prompts
@@ -115,16 +117,17 @@ class Sizes:
     dense_new: int  # cases 1-2
     batch: int  # cases 2, 3, 4
     dense_window: int  # cases 1-3
-    window: int  # case 4
+    window: int  # cases 4-5
     past_mult: int  # case 4: the policy's prompt is past_mult * window
     past_new: int
     chunk: int  # chunked_prefill_size (every engine)
+    long_prompt: int  # case 5
 
 
 FULL = Sizes(short_prompt=200, dense_new=256, batch=8, dense_window=2048, window=1024, past_mult=2,
-             past_new=128, chunk=2048)
+             past_new=128, chunk=2048, long_prompt=7000)
 TINY = Sizes(short_prompt=50, dense_new=256, batch=8, dense_window=512, window=256, past_mult=2,
-             past_new=128, chunk=1024)
+             past_new=128, chunk=1024, long_prompt=3000)
 
 
 def build_cases(z: Sizes, sinks: int) -> dict[str, tuple[dict[str, Run], list[Row]]]:
@@ -138,6 +141,9 @@ def build_cases(z: Sizes, sinks: int) -> dict[str, tuple[dict[str, Run], list[Ro
                      Row(f"the same runs' prefill phase: {z.batch} x {z.past_mult * w} tokens (streaming past "
                          f"S+W) vs {z.batch} x {sinks + w} (dense); not the same work per token", "sink", "stock",
                          measure="prefill")]),
+        "5": ({"sink": Run(w, 1, z.long_prompt, 1, "prefill"), "stock": Run(STOCK, 1, z.long_prompt, 1, "prefill")},
+              [Row(f"one {z.long_prompt}-token prompt: sink W={w} (streaming past S+W) vs stock (dense)",
+                   "sink", "stock")]),
     }
 
 
@@ -252,9 +258,10 @@ def main() -> None:
     ap.add_argument("--past-mult", type=int, help="case 4: the policy's prompts are this many windows long "
                                                   "(default 2)")
     ap.add_argument("--past-new", type=int, help="case 4: new tokens per request (default 128)")
+    ap.add_argument("--long-prompt", type=int, help="case 5: the prompt's tokens (default 7000; 3000 with --tiny)")
     ap.add_argument("--stock-disable-overlap", action="store_true",
                     help="stock with disable_overlap_schedule=True too (the policy always turns it off)")
-    ap.add_argument("--cases", default="1,2,3,4", help="comma-separated subset of 1-4")
+    ap.add_argument("--cases", default="1,2,3,4,5", help="comma-separated subset of 1-5")
     ap.add_argument("--json", help="write every raw figure here")
     args = ap.parse_args()
 
@@ -267,6 +274,8 @@ def main() -> None:
         z = dataclasses.replace(z, past_mult=args.past_mult)
     if args.past_new is not None:
         z = dataclasses.replace(z, past_new=args.past_new)
+    if args.long_prompt is not None:
+        z = dataclasses.replace(z, long_prompt=args.long_prompt)
     if z.short_prompt + z.dense_new >= args.sink_tokens + z.dense_window:
         ap.error(f"--dense-window {z.dense_window}: cases 1-3 must stay below S + W "
                  f"({z.short_prompt + z.dense_new} tokens a request)")
