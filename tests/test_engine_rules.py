@@ -252,10 +252,20 @@ def test_metric_names_differ_only_by_engine_and_unit():
 
 def test_vllm_exports_the_core_metric_names():
     """vllm_sink/metrics.py's collector, fed one engine's numbers, shows exactly the core's names."""
-    pytest.importorskip("vllm")
     from vllm_sink import metrics as vm
 
     collector = vm._Collector()
     collector.engines[0] = vm._Engine(["m", "0"], 6, 14)
     shown = {s.name for family in collector.collect() for s in family.samples}
     assert shown == metric_names.exposed_names("vllm")
+
+
+def test_rotary_table_not_linear_in_the_position_refused():
+    """E.g. a table whose angle grows with the square of the position: no per-block query
+    rotation can reproduce it (docs/architecture.md: rotary variants not linear in the position)."""
+    policy = SinkPolicy(4, 64, 16)
+    rope = TableRope(8, 256, 1e4)
+    ang = torch.arange(256, dtype=torch.float64)[:, None] ** 2 * rope.inv_freq
+    rope._compute_cos_sin_cache = lambda: torch.cat([ang.cos(), ang.sin()], dim=-1).float()
+    with pytest.raises(PolicyConfigError, match=r"rotary embedding of layer quadratic .* is not a rotation linear in the position"):
+        rotary_params(rope, policy, "quadratic")
