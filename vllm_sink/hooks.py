@@ -196,8 +196,7 @@ def _create_streaming_config(args, original_create, opts, *a, **kw):
     for window in (layer_window(text_config), vllm_config.model_config.get_sliding_window()):
         if isinstance(window, int):
             policy.check_layer_window(window, "the model")
-    vllm_config.additional_config[sink_config.KEY] = {
-        **sink_flags.resolved_settings(opts, policy), "inner_backend": inner}
+    vllm_config.additional_config[sink_config.KEY] = sink_flags.resolved_settings(opts, policy)
     max_model_len = vllm_config.model_config.max_model_len
     logger.info("%s; max_model_len %d", policy.describe(), max_model_len)
     _explain_stock_warnings(policy, max_model_len, rotary_table_len(text_config))
