@@ -330,7 +330,8 @@ def gpu_specs() -> list:
         Spec("prefill_c512_d64_bf16_layerwin", [(30_011, 512), (700, 512)], d=64, sliding_window=128,
              learned_sinks=True, kinds=["prefill", "layer_window", "learned_sinks", "mixed"], seed=11),
         Spec("mixed_d128_bf16_sinks",
-             [(300, 300), (20_000, 512), (dt - 3, 1), (dt + 40, 1)] + [(x, 1) for x in mixed_lens(28, dt, W, g, 90_000)],
+             [(300, 300), (20_000, 512), (dt - 3, 1), (dt + 40, 1)]
+             + [(x, 1) for x in mixed_lens(28, dt, W, g, 90_000)],
              d=128, learned_sinks=True, kinds=["mixed", "prefill", "decode", "learned_sinks"], seed=12),
         Spec("policy_off_d128_bf16", [(4000, 512), (3000, 1), (17, 1), (2500, 1)], d=128, policy_on=False,
              kinds=["policy_off", "prefill", "decode"], seed=13),
@@ -374,7 +375,7 @@ def add_auto_kinds(spec: Spec) -> None:
 
 
 def run_correctness(device: str, interpret: bool, args) -> list:
-    specs = interpret_specs() if interpret else gpu_specs()
+    specs = interpret_specs() if interpret and not args.gpu_shapes else gpu_specs()
     for s in specs:
         add_auto_kinds(s)
     if args.only:
@@ -679,7 +680,8 @@ def print_timing(res: dict) -> None:
     pf = res.get("prefill")
     if pf:
         print(f"\n## prefill: {pf['model']}; SDPA flash non-causal over the same keys per query")
-        hdr = f"{'chunk':>6} {'keys/q':>7} | {'ours ms':>8} {'TFLOP/s':>8} | {'sdpa ms':>8} {'TFLOP/s':>8} | {'ours/sdpa':>9}"
+        hdr = (f"{'chunk':>6} {'keys/q':>7} | {'ours ms':>8} {'TFLOP/s':>8} | {'sdpa ms':>8} {'TFLOP/s':>8} | "
+               f"{'ours/sdpa':>9}")
         print(hdr)
         print("-" * len(hdr))
         for r in pf["rows"]:
@@ -687,7 +689,8 @@ def print_timing(res: dict) -> None:
                 sd = (f"{r['sdpa_ms']:>8.3f} {r['sdpa_tflops']:>8.1f} | {r['ratio']:>8.2f}x  ({r['sdpa_backend']})"
                       if "sdpa_ms" in r
                       else r.get("sdpa_error", "")[:60])
-                print(f"{r['chunk']:>6} {r['keys_per_query']:>7} | {r['ours_ms']:>8.3f} {r['ours_tflops']:>8.1f} | {sd}")
+                print(f"{r['chunk']:>6} {r['keys_per_query']:>7} | {r['ours_ms']:>8.3f} {r['ours_tflops']:>8.1f} | "
+                      f"{sd}")
             else:
                 print(f"{r['chunk']:>6} | {r.get('skipped') or r.get('error')}")
     cf = res.get("cost_follows_live")
@@ -717,8 +720,8 @@ def goals(res: dict, interpret: bool) -> list:
         for g in ("decode >= 80% of copy bandwidth at live >= 8k, batch >= 32",
                   "prefill <= 1.3x SDPA-flash time over equal live keys",
                   "cost follows live KV (position 128k vs 4k)"):
-            out.append(dict(goal=g, status="NOT RUN", detail="timing needs a GPU (--interpret"
-                            + (", --timing-smoke: the code ran, the numbers mean nothing)" if "bandwidth" in res else ")")))
+            smoke = ", --timing-smoke: the code ran, the numbers mean nothing" if "bandwidth" in res else ""
+            out.append(dict(goal=g, status="NOT RUN", detail=f"timing needs a GPU (--interpret{smoke})"))
         return out
     bw = res.get("bandwidth") or {}
     pts = [p for p in bw.get("rows", []) if "share_of_copy" in p and p["live_keys"] >= 8192 and p["batch"] >= 32]
@@ -770,11 +773,13 @@ def main() -> int:
     p.add_argument("--skip-timing", action="store_true", help="correctness only")
     p.add_argument("--timing-smoke", action="store_true",
                    help="with --interpret: run the timing code on tiny CPU shapes (exercises it; numbers mean nothing)")
+    p.add_argument("--gpu-shapes", action="store_true",
+                   help="with --interpret: the GPU's correctness cases (slow on a CPU; use with --only)")
     p.add_argument("--self-test-fail", action="store_true",
                    help="perturb one output element per case by 4x its tolerance: every case must FAIL, exit 1")
     p.add_argument("--out", default=None, help="JSON path (default $OUT/gpu_check.json or ./gpu_check.json)")
     args = p.parse_args()
-    out_path = Path(args.out) if args.out else (Path(os.environ["OUT"]) if os.environ.get("OUT") else Path.cwd()) / "gpu_check.json"
+    out_path = Path(args.out) if args.out else Path(os.environ.get("OUT") or Path.cwd()) / "gpu_check.json"
 
     try:
         import triton
@@ -796,13 +801,15 @@ def main() -> int:
                   "Run with --interpret on a CPU.", file=sys.stderr)
             return 2
         device = "cuda"
-    dev_name = torch.cuda.get_device_name() if device == "cuda" else f"CPU ({platform.processor() or platform.machine()}), Triton interpreter"
+    dev_name = (torch.cuda.get_device_name() if device == "cuda"
+                else f"CPU ({platform.processor() or platform.machine()}), Triton interpreter")
     res = dict(device=dev_name, mode="interpret" if interpret else "gpu", quick=args.quick,
                torch=torch.__version__, triton=triton.__version__, python=platform.python_version(),
-               cuda=torch.version.cuda, extra_imports=extra,
+               cuda=torch.version.cuda, extra_imports=extra, repo_commit=repo_commit(),
                started_utc=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                tolerance=dict(ulp={k: ULP[v] for k, v in DTYPES.items()}, c_out=C_OUT, c_abs=C_ABS,
-                              formula="err <= ulp * (c_out*|o| + c_abs*(1 + s_rms)*(a + |o|)) per element, max per row"))
+                              formula="per element err <= ulp * (c_out*|o| + c_abs*(1 + s_rms)*(a + |o|)); "
+                                      "each query row passes on its own"))
     progress(f"device: {dev_name}; torch {torch.__version__}, triton {triton.__version__}; "
              f"imports beyond torch/triton/stdlib: {', '.join(extra) or 'none'}")
 
@@ -820,13 +827,21 @@ def main() -> int:
         if smoke:
             res["timing_smoke"] = "timing code run on tiny CPU shapes under the interpreter: not measurements"
             progress("timing sections as a smoke run (--timing-smoke): the numbers mean nothing")
-        timer = Timer(args.reps or (10 if args.quick else 20), cfg.device)
-        progress(f"copy bandwidth ({cfg.copy_elems * 2 >> 20} MiB device-to-device copy_)")
-        copy_bw = copy_bandwidth(timer, cfg)
-        res["copy_gbps"] = copy_bw / 1e9
-        res["prefill"] = run_prefill(timer, cfg, args, deadline)
-        res["cost_follows_live"] = run_cost_follows(timer, cfg, args, deadline)
-        res["bandwidth"] = run_bandwidth(timer, cfg, copy_bw, args, deadline)
+        save(res, out_path)  # correctness is on disk even if a timing section never returns
+        try:
+            timer = Timer(args.reps or (10 if args.quick else 20), cfg.device)
+            progress(f"copy bandwidth ({cfg.copy_elems * 2 >> 20} MiB device-to-device copy_)")
+            copy_bw = copy_bandwidth(timer, cfg)
+            res["copy_gbps"] = copy_bw / 1e9
+            res["prefill"] = run_prefill(timer, cfg, args, deadline)
+            save(res, out_path)
+            res["cost_follows_live"] = run_cost_follows(timer, cfg, args, deadline)
+            save(res, out_path)
+            res["bandwidth"] = run_bandwidth(timer, cfg, copy_bw, args, deadline)
+        except Exception as e:  # timing never changes the exit code; say what broke
+            res["timing_error"] = f"{type(e).__name__}: {e}"
+            progress(f"timing stopped: {res['timing_error']}")
+            traceback.print_exc()
 
     res["goals"] = goals(res, interpret)
     failed = [r["name"] for r in res["correctness"] if not r.get("passed")]
@@ -848,10 +863,31 @@ def main() -> int:
     print(f"\ncorrectness: {len(res['correctness']) - len(failed)}/{len(res['correctness'])} cases passed"
           + (f"; FAILED: {', '.join(failed)}" if failed else "")
           + f"; exit code {code}; {res['elapsed_s']:.1f} s")
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    out_path.write_text(json.dumps(res, indent=1, default=str))
+    if "timing_error" in res:
+        print(f"timing stopped early: {res['timing_error']}")
+    save(res, out_path)
     print(f"JSON: {out_path}")
     return code
+
+
+def save(res: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(res, indent=1, default=str))
+    tmp.replace(path)
+
+
+def repo_commit() -> str | None:
+    import subprocess
+
+    try:
+        rev = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True,
+                             timeout=5).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--", "streaming_sink"],
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+        return (rev + (" + uncommitted streaming_sink changes" if dirty else "")) or None
+    except Exception:
+        return None
 
 
 if __name__ == "__main__":
