@@ -548,6 +548,7 @@ def run_bandwidth(timer: Timer, cfg: TCfg, copy_bw: float, args, deadline: float
                              share_of_copy=live_bytes / (ms * 1e-3) / copy_bw, finite=finite(kw))
                 del kw, kv
             except Exception as e:
+                kw = kv = None  # release this point's buffers before the next one
                 point["error"] = f"{type(e).__name__}: {e}"
                 print(f"    ERROR {point['error']}", flush=True)
             empty_cache(cfg)
@@ -607,6 +608,7 @@ def run_prefill(timer: Timer, cfg: TCfg, args, deadline: float) -> dict:
                 row["sdpa_error"] = f"flash backend unavailable: {str(e)[:200]}"
             del kw, kv, k4, v4
         except Exception as e:
+            kw = kv = k4 = v4 = None  # release this point's buffers before the next one
             row["error"] = f"{type(e).__name__}: {e}"
             print(f"    ERROR {row['error']}", flush=True)
         empty_cache(cfg)
@@ -638,6 +640,7 @@ def run_cost_follows(timer: Timer, cfg: TCfg, args, deadline: float) -> dict:
             row.update(near_pos=res["near"][1], far_pos=res["far"][1], near_ms=res["near"][0],
                        far_ms=res["far"][0], keys=res["near"][2], ratio=res["far"][0] / res["near"][0])
         except Exception as e:
+            kw = kv = None  # release this point's buffers before the next one
             row["error"] = f"{type(e).__name__}: {e}"
             print(f"    ERROR {row['error']}", flush=True)
         rows.append(row)
