@@ -274,13 +274,23 @@ def check_case(spec: Spec, device: str, self_test_fail: bool) -> dict:
     out_finite = torch.isfinite(out).flatten(1).all(1)
     failed = (row_ratio > 1) | ~ref_finite | ~out_finite
     worst = int(row_ratio.argmax())
+    # where the worst rows are (a failing GPU run must say which rows, without rerunning)
+    where = []
+    for i in row_ratio.argsort(descending=True)[:5].tolist():
+        seq = int(torch.searchsorted(b.query_start_loc.cpu(), torch.tensor(i, dtype=torch.int32), right=True)) - 1
+        seq_len, q_len = spec.seqs[seq]
+        t = seq_len - q_len + (i - int(b.query_start_loc[seq]))
+        streaming = b.policy is not None and b.policy.is_streaming(t // spec.bs)
+        where.append(dict(row=i, seq=seq, position=t, regime="streaming" if streaming else "dense",
+                          err=float(row_err[i]), err_over_tol=float(row_ratio[i]),
+                          out_finite=bool(out_finite[i]), ref_finite=bool(ref_finite[i])))
     row.update(
         max_abs_err=float(row_err.max()), worst_row=worst, worst_row_err=float(row_err[worst]),
         worst_row_tol=float(tol[worst].flatten()[ratio[worst].flatten().argmax()]),
         worst_ratio=float(row_ratio.max()), median_row_ratio=float(row_ratio.median()),
         ref_max_abs=float(ref.abs().max()), rows_failed=int(failed.sum()),
         ref_nonfinite_rows=int((~ref_finite).sum()), out_nonfinite_rows=int((~out_finite).sum()),
-        passed=bool(not failed.any()), seconds=round(time.monotonic() - t0, 2))
+        passed=bool(not failed.any()), worst_rows=where, seconds=round(time.monotonic() - t0, 2))
     if self_test_fail:
         row["self_test_fail"] = True
     del b
@@ -397,6 +407,11 @@ def run_correctness(device: str, interpret: bool, args) -> list:
             print(f"    {'ok  ' if r['passed'] else 'FAIL'}  rows {r['rows']} (streaming {r['streaming_rows']}), "
                   f"worst err/tol {r['worst_ratio']:.3f}, max err {r['max_abs_err']:.2e}, "
                   f"failed rows {r['rows_failed']}, {r['seconds']:.1f}s", flush=True)
+            if not r["passed"]:
+                w = r["worst_rows"][0]
+                print(f"          worst row {w['row']}: sequence {w['seq']}, position {w['position']} ({w['regime']}), "
+                      f"err {w['err']:.3g} = {w['err_over_tol']:.2f}x tol, out finite {w['out_finite']}, "
+                      f"ref finite {w['ref_finite']}", flush=True)
     return rows
 
 
