@@ -97,6 +97,8 @@ class Spec:
     rotary_dim: int | None = None
     neox: bool = True
     q_gain: float = 1.0
+    hnd: bool = False  # the cache's physical order [blocks, Hkv, bs, 2D] (FlashInfer's HND) instead of NHD
+    q_strided: bool = False  # q a view into a fused [T, Hq + 2 Hkv, D] qkv buffer, as vLLM passes it
     kinds: list = field(default_factory=list)
     seed: int = 0
 
@@ -121,7 +123,8 @@ class Built:
     """A paged cache left the way a live engine leaves it, plus q and metadata.
 
     K/V are the two strided views vLLM's CUDA backends hand a kernel
-    (``kv.split(D, -1)`` of one ``[num_blocks, bs, Hkv, 2D]`` tensor). Physical blocks
+    (``kv.split(D, -1)`` of one ``[num_blocks, bs, Hkv, 2D]`` tensor, NHD or, with ``hnd``,
+    HND physical order); ``q_strided``: q a view into a fused qkv buffer. Physical blocks
     ``0..N_NAN-1`` are all NaN; every block-table entry outside a sequence's live blocks
     (the freed gap, past the end) holds a stale id: a NaN block, or a block another
     sequence owns (a freed id reused). In live blocks, slots no query of the step attends
@@ -184,12 +187,17 @@ class Built:
         self.query_start_loc = torch.tensor([0] + [b for _, b in s.seqs]).cumsum(0).to(torch.int32).to(device)
         self.num_tokens = sum(b for _, b in s.seqs)
         attended_d = attended.to(device)
-        kv = torch.empty(num_blocks, bs, s.hkv, 2 * s.d, dtype=dtype, device=device)
+        if s.hnd:
+            kv = torch.empty(num_blocks, s.hkv, bs, 2 * s.d, dtype=dtype, device=device).transpose(1, 2)
+        else:
+            kv = torch.empty(num_blocks, bs, s.hkv, 2 * s.d, dtype=dtype, device=device)
         kv.normal_(generator=gd)
         kv.masked_fill_(~attended_d[:, :, None, None], math.nan)
         self.kv = kv
         self.k_cache, self.v_cache = kv.split(s.d, dim=-1)
-        self.q = (torch.randn(self.num_tokens, s.hq, s.d, generator=gd, device=device) * s.q_gain).to(dtype)
+        q_heads = s.hq + 2 * s.hkv if s.q_strided else s.hq
+        self.q = (torch.randn(self.num_tokens, q_heads, s.d, generator=gd, device=device) * s.q_gain).to(dtype)
+        self.q = self.q[:, :s.hq]
         self.sinks = (torch.randn(s.hq, generator=gd, device=device) * 2) if s.learned_sinks else None
         # per KV head: rms of one key element over the attended keys (for the tolerance)
         kf = self.k_cache.float()
@@ -325,8 +333,8 @@ def gpu_specs() -> list:
         Spec("decode_b64_d128_bf16", dec(64), d=128, kinds=["decode", "mixed"], seed=1),
         Spec("decode_b256_d64_bf16", dec(256), d=64, kinds=["decode", "mixed"], seed=2),
         Spec("decode_b256_d128_fp16", dec(256), d=128, dtype="fp16", kinds=["decode", "mixed"], seed=3),
-        Spec("decode_b64_d64_fp16_sinks", dec(64), d=64, dtype="fp16", learned_sinks=True,
-             kinds=["decode", "learned_sinks"], seed=4),
+        Spec("decode_b64_d64_fp16_sinks_hnd", dec(64), d=64, dtype="fp16", learned_sinks=True, hnd=True,
+             q_strided=True, kinds=["decode", "learned_sinks", "hnd_layout", "q_strided"], seed=4),
         Spec("decode_b64_d64_bf16_layerwin", dec(64), d=64, sliding_window=128, learned_sinks=True,
              kinds=["decode", "layer_window", "learned_sinks"], seed=5),
         Spec("decode_b64_d64_bf16_gptj_partial", dec(64), d=64, rotary_dim=32, neox=False,
@@ -363,8 +371,8 @@ def interpret_specs() -> list:
     return [
         Spec("decode_b1_d64_bf16", [(151, 1)], d=64, num_splits=3, kinds=["decode", "split_kv"], **kw),
         Spec("decode_b8_d128_bf16", dec(8), d=128, kinds=["decode", "mixed"], seed=1, **kw),
-        Spec("decode_b16_d64_fp16_sinks", dec(16), d=64, dtype="fp16", learned_sinks=True,
-             kinds=["decode", "mixed", "learned_sinks"], seed=2, **kw),
+        Spec("decode_b16_d64_fp16_sinks_hnd", dec(16), d=64, dtype="fp16", learned_sinks=True, hnd=True,
+             q_strided=True, kinds=["decode", "mixed", "learned_sinks", "hnd_layout", "q_strided"], seed=2, **kw),
         Spec("decode_b8_d64_bf16_layerwin", dec(8), d=64, sliding_window=6, learned_sinks=True,
              kinds=["decode", "layer_window", "learned_sinks"], seed=3, **kw),
         Spec("prefill_c24_d64_bf16_switch", [(dt + 10, 24), (77, 12), (9, 1)], d=64,
