@@ -11,7 +11,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 SGLANG_VERSION=0.5.23
-PIP=(.venv-sglang/bin/pip install -q --progress-bar off)
+# Every transitive version pinned (scripts/constraints/*.txt, written by
+# scripts/freeze-constraints.sh): next month's CI installs what was tested.
+# CONSTRAINTS=none resolves afresh (to move to newer versions, then freeze again).
+CONSTRAINTS=${CONSTRAINTS:-scripts/constraints/sglang.txt}
+PIN=(); [ "$CONSTRAINTS" = none ] || PIN=(-c "$CONSTRAINTS")
+PIP=(.venv-sglang/bin/pip install -q --progress-bar off "${PIN[@]}")
 step() { echo "== [setup-sglang] $*"; }
 have() { .venv-sglang/bin/python - <<PY 2>/dev/null
 import importlib.metadata as m, sys

