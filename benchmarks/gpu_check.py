@@ -1,8 +1,9 @@
 #!/usr/bin/env python
 """The device check: streaming-sink's Triton kernel on a GPU, in one command.
 
-    python benchmarks/gpu_check.py                 # full check, <= ~7 min on an H100/H200
-    python benchmarks/gpu_check.py --quick         # smaller timing grid, fewer reps (~2-3 min)
+    python benchmarks/gpu_check.py                 # full check (estimated 3-5 min on an H100/H200;
+                                                   # new timing points stop at --budget-s 420)
+    python benchmarks/gpu_check.py --quick         # smaller timing grid, fewer reps (estimated 2-3 min)
     python benchmarks/gpu_check.py --interpret     # CPU, Triton interpreter, tiny shapes, correctness only
 
 Needs only torch, triton and this repository (no vLLM, no network, no pip install):
@@ -16,7 +17,7 @@ Sections (docs/gpu.md says how to read them):
    decode batches 1/64/256, prefill chunks 512/2048, head_dim 64/128, GQA 8:1, bf16 / fp16
    (and fp32) caches, learned sinks, layer windows, stale block ids in the freed gap (ids of
    NaN blocks and of other sequences' blocks), mixed dense/streaming rows in one batch, the
-   plain (policy off) path and split KV. Every query row is checked on its own: its largest
+   plain (policy off) path, split KV, the HND cache order and a strided q. Every query row is checked on its own: its largest
    error against a tolerance built from the cache dtype's rounding (``row_tolerance``).
 2. **decode bandwidth** -- live K/V bytes the kernel must read, per second, as a share of a
    device-to-device copy measured in the same run; live 1k-128k tokens x batch 1-256.
