@@ -150,7 +150,7 @@ if triton is not None:
     @triton.jit
     def _sink_attn_kernel(
         q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr,
-        bt_ptr, qsl_ptr, seq_lens_ptr, inv_freq_ptr, sinks_ptr,
+        bt_ptr, qsl_ptr, seq_lens_ptr, inv_freq_ptr, sinks_ptr, mask_ptr,
         num_seqs, num_splits, qk_scale,
         sink_tokens, sink_blocks, window_blocks, sliding_window,
         s_qt, s_qh, s_qd,
@@ -165,7 +165,7 @@ if triton is not None:
         HEAD_D: tl.constexpr, D_PAD: tl.constexpr,
         RH: tl.constexpr, RH_PAD: tl.constexpr, NEOX: tl.constexpr, DR: tl.constexpr, DR_PAD: tl.constexpr,
         USE_POLICY: tl.constexpr, USE_SINKS: tl.constexpr, USE_SW: tl.constexpr,
-        SPLIT: tl.constexpr, IEEE: tl.constexpr,
+        USE_MASK: tl.constexpr, SPLIT: tl.constexpr, IEEE: tl.constexpr,
     ):
         pid = tl.program_id(0)
         kvh = tl.program_id(1)
@@ -180,6 +180,9 @@ if triton is not None:
             lo = tl.where(go_right, mid, lo)
             hi = tl.where(go_right, hi, mid)
         seq = lo
+        if USE_MASK:  # a sequence another kernel computes this step (the engine's own, dense rows)
+            if tl.load(mask_ptr + seq) == 0:
+                return
         q_lo = tl.load(qsl_ptr + seq)
         n_q = tl.load(qsl_ptr + seq + 1) - q_lo
         seq_len = tl.load(seq_lens_ptr + seq)
@@ -305,12 +308,22 @@ if triton is not None:
 
     @triton.jit
     def _combine_kernel(
-        part_ptr, lse_ptr, out_ptr, num_splits,
+        part_ptr, lse_ptr, out_ptr, qsl_ptr, mask_ptr, num_seqs, num_splits,
         s_pt, s_ph, s_ps, s_lt, s_lh, s_ot, s_oh, s_od,
-        HEAD_D: tl.constexpr, D_PAD: tl.constexpr, SPLIT_PAD: tl.constexpr,
+        HEAD_D: tl.constexpr, D_PAD: tl.constexpr, SPLIT_PAD: tl.constexpr, USE_MASK: tl.constexpr,
     ):
         t = tl.program_id(0).to(tl.int64)
         h = tl.program_id(1)
+        if USE_MASK:  # rows of masked sequences belong to another kernel: leave them
+            lo = tl.zeros([], dtype=tl.int32)
+            hi = lo + num_seqs
+            while hi - lo > 1:
+                mid = (lo + hi) // 2
+                go_right = tl.load(qsl_ptr + mid) <= t
+                lo = tl.where(go_right, mid, lo)
+                hi = tl.where(go_right, hi, mid)
+            if tl.load(mask_ptr + lo) == 0:
+                return
         rs = tl.arange(0, SPLIT_PAD)
         s_ok = rs < num_splits
         offs_d = tl.arange(0, D_PAD)
@@ -346,14 +359,18 @@ def _device_inv_freq(rope: RotaryParams, device: torch.device) -> torch.Tensor:
 _sm_count: dict = {}
 
 
+def _sm_count_of(device: torch.device) -> int:
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _sm_count:
+        _sm_count[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _sm_count[idx]
+
+
 def _auto_splits(q: torch.Tensor, programs: int, max_pages: int) -> int:
     """Split the KV blocks when (seq, KV head) programs alone cannot fill the GPU."""
     if not q.is_cuda:
         return 1
-    idx = q.device.index if q.device.index is not None else torch.cuda.current_device()
-    if idx not in _sm_count:
-        _sm_count[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
-    target = 4 * _sm_count[idx]
+    target = 4 * _sm_count_of(q.device)
     if programs >= target // 2:
         return 1
     return max(1, min(math.ceil(target / programs), max_pages // _MIN_PAGES_PER_SPLIT, _MAX_SPLITS))
@@ -375,6 +392,8 @@ def paged_attention(
     *,
     max_query_len: int | None = None,
     num_splits: int | None = None,
+    seq_mask: torch.Tensor | None = None,
+    workspace: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Triton version of :func:`paged_attention_ref` (same arguments, same result).
 
@@ -384,6 +403,15 @@ def paged_attention(
     sequences); ``num_splits`` forces the number of KV splits per program
     (default: from the GPU size). Rows of ``out`` past ``query_start_loc[-1]``
     are left unspecified, as in the reference.
+
+    ``seq_mask`` (int, one per sequence, on the device): only sequences with a
+    non-zero entry are computed; the others' rows of ``out`` are left as they are
+    (an engine computes them with its own kernel). ``workspace`` (fp32, 1-D): where
+    the split-KV partials live (:func:`workspace_elems` says how big), so a
+    CUDA-graph-captured step allocates nothing; without it they are allocated.
+
+    Host work only: no device->host copy, no data-dependent shape, so a call
+    with the same shapes can be captured in a CUDA graph and replayed.
     """
     check_args(k_cache, policy, rope)
     num_tokens, hq, head_d = q.shape
@@ -434,17 +462,24 @@ def paged_attention(
         num_splits = _auto_splits(q, grid0 * hkv, max_pages)
     split = num_splits > 1
     if split:
-        part = torch.empty((num_tokens, hq, num_splits, head_d), device=q.device, dtype=torch.float32)
-        lse = torch.empty((num_tokens, hq, num_splits), device=q.device, dtype=torch.float32)
+        n_part, n_lse = num_tokens * hq * num_splits * head_d, num_tokens * hq * num_splits
+        if workspace is not None and workspace.numel() >= n_part + n_lse:
+            part = workspace[:n_part].view(num_tokens, hq, num_splits, head_d)
+            lse = workspace[n_part:n_part + n_lse].view(num_tokens, hq, num_splits)
+        else:
+            part = torch.empty((num_tokens, hq, num_splits, head_d), device=q.device, dtype=torch.float32)
+            lse = torch.empty((num_tokens, hq, num_splits), device=q.device, dtype=torch.float32)
         dst, s_o, s_l = part, (part.stride(0), part.stride(1), part.stride(2), part.stride(3)), lse.stride()[:2]
     else:
         lse = out  # unused
         dst, s_o, s_l = out, (out.stride(0), out.stride(1), 0, out.stride(2)), (0, 0)
 
     num_warps = 4 if block_m * _next_pow2(head_d) <= 64 * 64 else 8
-    _sink_attn_kernel[(grid0, hkv, num_splits)](
+    mask = seq_mask if seq_mask is not None else seq_lens  # unused when USE_MASK is off
+    _launch(
+        _sink_attn_kernel, (grid0, hkv, num_splits),
         q, k_cache, v_cache, dst, lse,
-        block_table, query_start_loc, seq_lens, inv_freq, sinks if sinks is not None else q,
+        block_table, query_start_loc, seq_lens, inv_freq, sinks if sinks is not None else q, mask,
         num_seqs, num_splits, float(scale) * _LOG2E,
         sink_tokens, sink_blocks, window_blocks, sliding_window or 0,
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *s_o, *s_l, *block_table.stride(),
@@ -452,12 +487,31 @@ def paged_attention(
         TILE_N=tile_n, N_SUB=n_sub, HEAD_D=head_d, D_PAD=max(16, _next_pow2(head_d)),
         RH=rh, RH_PAD=max(16, _next_pow2(rh)), NEOX=neox, DR=dr, DR_PAD=max(16, _next_pow2(dr)),
         USE_POLICY=policy is not None, USE_SINKS=sinks is not None, USE_SW=sliding_window is not None,
-        SPLIT=split, IEEE=q.dtype == torch.float32 or _INTERPRETED,
+        USE_MASK=seq_mask is not None, SPLIT=split, IEEE=q.dtype == torch.float32 or _INTERPRETED,
         num_warps=num_warps, num_stages=3 if block_q == 1 else 2,
     )
     if split:
-        _combine_kernel[(num_tokens, hq)](
-            part, lse, out, num_splits, *part.stride()[:3], *lse.stride()[:2], *out.stride(),
-            HEAD_D=head_d, D_PAD=_next_pow2(head_d), SPLIT_PAD=_next_pow2(num_splits), num_warps=4,
+        _launch(
+            _combine_kernel, (num_tokens, hq),
+            part, lse, out, query_start_loc, mask, num_seqs, num_splits,
+            *part.stride()[:3], *lse.stride()[:2], *out.stride(),
+            HEAD_D=head_d, D_PAD=_next_pow2(head_d), SPLIT_PAD=_next_pow2(num_splits),
+            USE_MASK=seq_mask is not None, num_warps=4,
         )
     return out
+
+
+def workspace_elems(num_heads: int, num_kv_heads: int, head_dim: int, device: torch.device) -> int:
+    """fp32 elements a ``workspace`` needs for any automatically split call, whatever
+    the batch: KV splits happen only while the (tile, KV head) programs are fewer than
+    half of ``4 x SMs``, and then ``programs x splits < 1.5 x 4 x SMs``; a program
+    holds at most ``max(_PREFILL_ROWS, G)`` (query, head) rows."""
+    if device.type != "cuda":
+        return 0  # no automatic splits off the GPU
+    group = num_heads // num_kv_heads
+    return (6 * _sm_count_of(device) + 1) * max(_PREFILL_ROWS, _next_pow2(group)) * (head_dim + 1)
+
+
+def _launch(kernel, grid, *args, **kwargs) -> None:
+    """Every kernel launch of this module goes through here (one place to trace)."""
+    kernel[grid](*args, **kwargs)

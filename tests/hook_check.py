@@ -142,12 +142,22 @@ def check_all(targets) -> list[str]:
     return [p for p in (check_target(*t) for t in targets) if p]
 
 
+# The inner backends the policy's backend wraps on each platform (backend.wrap).
+INNER_BACKENDS = {"cpu": ("CPU_ATTN", "TRITON_ATTN"), "cuda": ("FLASH_ATTN", "FLASHINFER", "TRITON_ATTN")}
+
+
 def our_classes(platform: str) -> list[type]:
-    """Our subclasses of vLLM classes (backend, KV spec/manager; CPU backend on "cpu")."""
-    modules = ["vllm_sink.backend", "vllm_sink.kv_manager"]
-    if platform == "cpu":
-        modules.append("vllm_sink.backend_cpu")
+    """Our subclasses of vLLM classes: the KV spec/manager, and the backend, builder and
+    impl that ``backend.wrap`` makes around each inner backend of the platform."""
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+    from vllm_sink import backend
+
     classes = []
+    for inner in INNER_BACKENDS[platform]:
+        wrapped = backend.wrap(AttentionBackendEnum[inner].get_class())
+        classes += [wrapped, wrapped.get_builder_cls(), wrapped.get_impl_cls()]
+    modules = ["vllm_sink.kv_manager"]
     for module_name in modules:
         module = importlib.import_module(module_name)
         for value in vars(module).values():

@@ -151,7 +151,9 @@ def test_abort_mid_stream_returns_every_block(llm):
     (dict(kv_cache_dtype="fp8"), "--kv-cache-dtype"),
     (dict(enable_chunked_prefill=False), "chunked-prefill"),
     # Explicit flags the policy cannot honour are refused, never overridden:
-    (dict(attention_backend="CPU_ATTN"), "--attention-backend CPU_ATTN"),
+    # --attention-backend names the inner backend (the dense rows' kernel): one that is
+    # not a paged decoder backend the policy can wrap is refused
+    (dict(attention_backend="FLEX_ATTENTION"), "--attention-backend FLEX_ATTENTION"),
     (dict(compilation_config={"cudagraph_mode": "FULL_AND_PIECEWISE"}), "cudagraph_mode FULL_AND_PIECEWISE"),
 ])
 def test_bad_config_refused_at_startup(tiny_llama, kwargs, flag):
@@ -159,6 +161,20 @@ def test_bad_config_refused_at_startup(tiny_llama, kwargs, flag):
     args.update(kwargs)
     with pytest.raises(PolicyConfigError, match=flag):
         make_llm(tiny_llama, policy=False, **args)
+
+
+def test_explicit_inner_backend_honoured(tiny_llama):
+    """--attention-backend CPU_ATTN (the CPU platform's own) becomes the inner backend:
+    the engine starts, its layers run the policy's backend wrapped around CPU_ATTN."""
+    from vllm_sink.backend import SinkImpl
+
+    llm = make_llm(tiny_llama, attention_backend="CPU_ATTN")
+    config = llm.llm_engine.vllm_config
+    assert config.additional_config["streaming_sink"]["inner_backend"] == "CPU_ATTN"
+    layer = next(iter(config.compilation_config.static_forward_context.values()))
+    assert isinstance(layer.impl, SinkImpl)
+    assert type(layer.impl).__name__ == "StreamingSink_CPU_ATTNImpl"
+    del llm
 
 
 def test_explicit_long_context_veto_refused(tiny_llama, monkeypatch):

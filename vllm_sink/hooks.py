@@ -13,12 +13,13 @@ computing something else silently. The touch points:
    (``attention_backend=CUSTOM``), the policy resolved for the final block size;
    ``ModelConfig.get_sliding_window`` read to refuse a layer window longer than
    the policy's (GPT-OSS sliding layers must fit inside ``--sink-window``).
-3. ``register_backend(CUSTOM, ...)`` and, on CPU, ``CpuPlatform.get_attn_backend_cls``
-   honouring CUSTOM (the CPU platform otherwise always returns CPU_ATTN). The CPU
-   backend subclasses ``CPUAttentionBackend`` / ``CPUAttentionBackendImpl`` /
-   ``CPUAttentionMetadataBuilder`` (backend_cpu.py): it relies on their KV layout for
-   the vec ISAs (keys dim-major per block), ``build`` over a ``CommonAttentionMetadata``
-   subset, ``isa`` / ``_set_isa_to_layers``.
+3. The platform's ``get_attn_backend_cls`` (CPU and CUDA alike): CUSTOM resolves to
+   ``backend.wrap(inner)``, inner being what the platform's own selection returns for
+   the user's ``--attention-backend`` (CPU_ATTN, FLASH_ATTN, FLASHINFER, TRITON_ATTN) or
+   for none; ``register_backend(CUSTOM, ...)`` points at the same class. The wrapper
+   subclasses the inner backend, builder and impl (backend.py): it relies on ``build``
+   over a ``CommonAttentionMetadata`` subset, the impl's ``forward`` and cache write, and
+   the KV layout (kv_layouts.py; on CPU the vec ISAs' ``isa`` / ``_set_isa_to_layers``).
 4. ``KVCacheSpecRegistry.register(StreamingSinkSpec, StreamingSinkManager)``.
 5. ``GPUModelRunner.load_model`` / ``CPUModelRunner.load_model``: after the
    model is built, RoPE positions are remapped and layers get their frequencies.
@@ -151,10 +152,7 @@ def _create_streaming_config(args, original_create, opts, *a, **kw):
     check_version()
     from vllm.v1.attention.backends.registry import AttentionBackendEnum
 
-    if args.attention_backend not in (None, AttentionBackendEnum.CUSTOM, "CUSTOM"):
-        raise PolicyConfigError(
-            f"--kv-policy streaming-sink brings its own attention backend; "
-            f"drop --attention-backend {args.attention_backend}")
+    inner = _inner_backend_choice(args.attention_backend)
     unsupported = [name for name, on in (
         ("speculative decoding (--speculative-config)", args.speculative_config),
         ("a quantized KV cache (--kv-cache-dtype)", args.kv_cache_dtype not in (None, "auto")),
@@ -169,8 +167,8 @@ def _create_streaming_config(args, original_create, opts, *a, **kw):
     if args.enable_chunked_prefill is None:
         args.enable_chunked_prefill = True
         changed.append("chunked prefill on (a long prompt streams through the window chunk by chunk)")
-    if args.attention_backend is None:
-        changed.append("attention backend CUSTOM (streaming-sink's)")
+    changed.append(f"attention backend CUSTOM: streaming-sink's around "
+                   f"{inner or 'the one vLLM picks'} (dense rows run it, streaming rows the core's kernel)")
     args.attention_backend = AttentionBackendEnum.CUSTOM
     if changed:
         logger.info("streaming-sink: engine defaults changed: %s", "; ".join(changed))
@@ -196,7 +194,8 @@ def _create_streaming_config(args, original_create, opts, *a, **kw):
     for window in (layer_window(text_config), vllm_config.model_config.get_sliding_window()):
         if isinstance(window, int):
             policy.check_layer_window(window, "the model")
-    vllm_config.additional_config[sink_config.KEY] = sink_flags.resolved_settings(opts, policy)
+    vllm_config.additional_config[sink_config.KEY] = {
+        **sink_flags.resolved_settings(opts, policy), "inner_backend": inner}
     max_model_len = vllm_config.model_config.max_model_len
     logger.info("%s; max_model_len %d", policy.describe(), max_model_len)
     _explain_stock_warnings(policy, max_model_len, rotary_table_len(text_config))
@@ -275,22 +274,53 @@ def _allow_long_max_model_len():
 
 # ---- 3: the attention backend ---------------------------------------------
 
+# What the policy's backend may wrap (backend.py): the engine's own kernels for dense rows.
+INNER_BACKENDS = ("CPU_ATTN", "FLASH_ATTN", "FLASHINFER", "TRITON_ATTN")
+
+
+def _inner_backend_choice(selected) -> str | None:
+    """An explicit ``--attention-backend`` becomes the inner backend (None: vLLM picks)."""
+    if selected is None:
+        return None
+    name = getattr(selected, "name", str(selected)).upper()
+    if name == "CUSTOM":
+        return None
+    if name not in INNER_BACKENDS:
+        raise PolicyConfigError(
+            f"--kv-policy streaming-sink runs the dense rows on the engine's own attention and "
+            f"supports {', '.join(INNER_BACKENDS)} there; --attention-backend {name} is not one of them")
+    return name
+
+
 def _install_backend() -> None:
+    """CUSTOM resolves, on every platform, to ``backend.wrap(inner)`` where inner is what
+    the platform's own selection returns for the user's choice (or for none)."""
+    from vllm.config import get_current_vllm_config
     from vllm.platforms import current_platform
+    from vllm.utils.import_utils import resolve_obj_by_qualname
     from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
 
-    if not current_platform.is_cpu():  # CUDA honours --attention-backend CUSTOM by itself
-        register_backend(AttentionBackendEnum.CUSTOM, "vllm_sink.backend.StreamingSinkAttentionBackend")
-        return
-    # CPU: a subclass of vLLM's CPU_ATTN backend (stock kernel for dense rows).
-    register_backend(AttentionBackendEnum.CUSTOM, "vllm_sink.backend_cpu.StreamingSinkCPUBackend")
+    from . import backend
+
     platform_cls = type(current_platform)
     original = platform_cls.get_attn_backend_cls.__func__
 
     def get_attn_backend_cls(cls, selected_backend, attn_selector_config, num_heads=None):
-        if selected_backend == AttentionBackendEnum.CUSTOM:
-            return AttentionBackendEnum.CUSTOM.get_path()
-        return original(cls, selected_backend, attn_selector_config, num_heads)
+        if selected_backend != AttentionBackendEnum.CUSTOM:
+            return original(cls, selected_backend, attn_selector_config, num_heads)
+        opts = (get_current_vllm_config().additional_config or {}).get(sink_config.KEY) or {}
+        inner = opts.get("inner_backend")
+        inner_path = original(cls, None if inner is None else AttentionBackendEnum[inner],
+                              attn_selector_config, num_heads)
+        inner_cls = resolve_obj_by_qualname(inner_path)
+        if inner_cls.get_name() not in INNER_BACKENDS:
+            raise PolicyConfigError(
+                f"--kv-policy streaming-sink: vLLM picked the {inner_cls.get_name()} attention backend "
+                f"here, which the policy cannot wrap; choose one of {', '.join(INNER_BACKENDS)} "
+                f"with --attention-backend")
+        path = backend.class_path(inner_cls)
+        register_backend(AttentionBackendEnum.CUSTOM, path)  # CUSTOM.get_class() is the wrapper too
+        return path
 
     platform_cls.get_attn_backend_cls = classmethod(get_attn_backend_cls)
 
@@ -334,10 +364,10 @@ def _after_load(load_model):
             from vllm.model_executor.layers.attention import Attention
 
             from . import rope_remap
-            from .backend import SinkBackendMixin, SinkImplMixin
+            from .backend import SinkBackend, SinkImpl
 
-            SinkBackendMixin.policy = policy
-            n = rope_remap.install(self.get_model(), SinkImplMixin, Attention)
+            SinkBackend.policy = policy
+            n = rope_remap.install(self.get_model(), SinkImpl, Attention)
             logger.info("streaming-sink: %d attention layers use positions inside the cache", n)
         return result
 
@@ -415,7 +445,18 @@ def hook_targets(platform: str = "cuda") -> list[tuple[str, str, tuple[str, ...]
          ("customize_spec",)),
         *(("attr", f"{be}:CommonAttentionMetadata.{name}", None) for name in (
             "num_actual_tokens", "max_query_len", "query_start_loc", "seq_lens", "block_table_tensor",
-            "slot_mapping")),
+            "slot_mapping", "query_start_loc_cpu", "num_reqs", "max_seq_len", "positions", "is_prefilling",
+            "seq_lens_cpu_upper_bound", "req_idx", "logits_indices_padded", "num_logits_indices",
+            "_num_computed_tokens_cache", "_token_to_req_indices_cache")),
+        # 3: CUSTOM -> backend.wrap(the platform's own pick), on every platform
+        ("override", "vllm.platforms.interface:Platform.get_attn_backend_cls",
+         ("selected_backend", "attn_selector_config", "num_heads")),
+        ("call", "vllm.utils.import_utils:resolve_obj_by_qualname", ("qualname",)),
+        ("call", f"{reg}:AttentionBackendEnum.CUSTOM.get_class", ()),
+        *(("attr", f"{reg}:AttentionBackendEnum.{name}", None) for name in INNER_BACKENDS),
+        ("attr", "vllm.config:SchedulerConfig.max_num_seqs", None),
+        ("attr", "vllm.config:SchedulerConfig.async_scheduling", None),
+        ("attr", "vllm.config:VllmConfig.speculative_config", None),
         ("attr", "vllm.v1.kv_cache_interface:AttentionSpec", None),
         ("attr", "vllm.v1.kv_cache_interface:FullAttentionSpec", None),
         # 4: KV spec + manager (kv_manager.py)
@@ -470,7 +511,7 @@ def hook_targets(platform: str = "cuda") -> list[tuple[str, str, tuple[str, ...]
         ("attr", "vllm.v1.core.kv_cache_coordinator:KVCacheCoordinator.single_type_managers", None),
         ("attr", "vllm.v1.metrics.stats:SchedulerStats.__dataclass_fields__", None),
     ]
-    if platform == "cpu":  # backend_cpu.py and the CPU platform hook
+    if platform == "cpu":  # the CPU platform hook and the CPU_ATTN classes backend.wrap subclasses
         cpu = "vllm.v1.attention.backends.cpu_attn"
         targets += [
             ("override", "vllm.platforms.cpu:CpuPlatform.get_attn_backend_cls",
@@ -493,9 +534,6 @@ def hook_targets(platform: str = "cuda") -> list[tuple[str, str, tuple[str, ...]
                 "layer", "query", "key", "value", "kv_cache", "attn_metadata", "output", "output_scale",
                 "output_block_scale")),
             ("attr", f"{cpu}:CPUAttentionMetadata", None),
-            *(("attr", f"{be}:CommonAttentionMetadata.{name}", None) for name in (
-                "query_start_loc_cpu", "num_reqs", "max_seq_len", "positions", "is_prefilling",
-                "seq_lens_cpu_upper_bound", "req_idx")),
             ("attr", "vllm.platforms:CpuArchEnum.X86", None),
             ("call", "vllm.platforms.interface:Platform.get_cpu_architecture", ()),
         ]

@@ -55,8 +55,10 @@ def test_plugin_installs_through_vllm_entry_point():
     for fn in (EngineArgs.add_cli_args, EngineArgs.create_engine_config, EngineArgs.__init__,
                AsyncEngineArgs.__init__, vars(GPUModelRunner)["load_model"]):
         assert hasattr(fn, "__wrapped__"), f"{fn.__qualname__} is not hooked"
-    # Not the CPU platform here: the CUDA backend is what CUSTOM names.
-    assert AttentionBackendEnum.CUSTOM.get_path() == "vllm_sink.backend.StreamingSinkAttentionBackend"
+    # CUSTOM resolves through the platform's own selection, wrapped (backend.wrap).
+    from vllm.platforms import current_platform
+
+    assert type(current_platform).get_attn_backend_cls.__func__.__module__ == "vllm_sink.hooks"
 
 
 def test_hook_targets_exist_with_expected_parameters():
@@ -84,11 +86,23 @@ def test_backend_kv_spec_and_triton_module_import():
     from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
 
     import streaming_sink.triton_attention as triton_attention
-    from vllm_sink.backend import StreamingSinkAttentionBackend, StreamingSinkAttentionImpl
+    from vllm.utils.import_utils import resolve_obj_by_qualname
+
+    from vllm_sink import backend
     from vllm_sink.kv_manager import StreamingSinkManager, StreamingSinkSpec
 
-    assert AttentionBackendEnum.CUSTOM.get_class() is StreamingSinkAttentionBackend
-    assert StreamingSinkAttentionBackend.get_impl_cls() is StreamingSinkAttentionImpl
+    # One wrapper per inner backend vLLM may pick on CUDA, each the inner backend's
+    # subclass, resolvable by the qualified name vLLM's selector imports.
+    wrapped = {}
+    for name in ("FLASH_ATTN", "FLASHINFER", "TRITON_ATTN"):
+        inner = AttentionBackendEnum[name].get_class()
+        cls = resolve_obj_by_qualname(backend.class_path(inner))
+        assert issubclass(cls, inner) and cls.get_name() == "CUSTOM"
+        assert issubclass(cls.get_impl_cls(), inner.get_impl_cls())
+        assert issubclass(cls.get_impl_cls(), backend.SinkImpl)
+        assert issubclass(cls.get_builder_cls(), inner.get_builder_cls())
+        assert issubclass(cls.get_builder_cls(), backend.SinkMetadataBuilder)
+        wrapped[name] = cls
     assert callable(triton_attention.paged_attention) and triton.__version__
     spec = StreamingSinkSpec(block_size=16, num_kv_heads=2, head_size=32, dtype=torch.float16,
                              sliding_window=128, sink_tokens=4)
@@ -101,14 +115,13 @@ def test_backend_kv_spec_and_triton_module_import():
     # by the model-load hook; here by hand).
     from vllm.v1.kv_cache_interface import FullAttentionSpec
 
-    from vllm_sink.backend import SinkBackendMixin
-
-    SinkBackendMixin.policy = spec.policy
+    backend.SinkBackend.policy = spec.policy
     try:
         full = FullAttentionSpec(block_size=16, num_kv_heads=2, head_size=32, dtype=torch.float16)
-        assert StreamingSinkAttentionBackend.customize_spec(full) == spec
+        for cls in wrapped.values():
+            assert cls.customize_spec(full) == spec
     finally:
-        SinkBackendMixin.policy = None
+        backend.SinkBackend.policy = None
 
 
 # ---- the policy's checks, up to vLLM's device check (this machine's real platform) ----
@@ -157,7 +170,9 @@ def test_policy_runs_up_to_vllm_device_check(tiny_llama, no_device):
 
 
 @pytest.mark.parametrize("kw, message", [
-    ({"attention_backend": "FLASH_ATTN"}, "brings its own attention backend; drop --attention-backend"),
+    # --attention-backend names the inner backend: FLASH_ATTN etc. are honoured, a backend
+    # the policy cannot wrap is refused naming the flag
+    ({"attention_backend": "FLEX_ATTENTION"}, "--attention-backend FLEX_ATTENTION is not one of them"),
     ({"kv_cache_dtype": "fp8"}, "does not support a quantized KV cache"),
     ({"enable_chunked_prefill": False}, "needs chunked prefill"),
 ])
@@ -233,7 +248,7 @@ def test_bad_flags_refused_through_vllm_parser(probe, case, expected):
 
 def test_policy_resolves_in_create_engine_config(probe):
     assert probe["resolved"] == {"kv_policy": "streaming-sink", "sink_tokens": 4, "sink_window": 128,
-                                 "window_tokens": 128, "block_size": 16}
+                                 "window_tokens": 128, "block_size": 16, "inner_backend": None}
     assert probe["attention_backend"] == "AttentionBackendEnum.CUSTOM"
     assert probe["chunked_prefill"] is True
     assert probe["max_model_len"] == 131072 and probe["block_size"] == 16

@@ -1,0 +1,125 @@
+"""What differs between inner backends for the streaming rows: how to read the
+layer's KV cache as ``[blocks, block_size, kv_heads, D]`` K and V views, and which
+core kernel reads them (C++ on CPU, Triton on CUDA or under the Triton interpreter).
+
+vLLM hands every backend one tensor per layer of logical shape
+``[num_blocks, kv_heads, block_size, 2 * D]`` (K and V side by side in the last dim;
+``vllm/v1/kv_cache_interface.py``). FLASH_ATTN, FLASHINFER and TRITON_ATTN read it as
+``kv_cache.transpose(1, 2).split(D, -1)`` (their ``forward``); CPU_ATTN's vec ISAs
+store, per block and head, the keys dim-major ``[D, block_size]`` then the values
+token-major ``[block_size, D]``.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from streaming_sink.policy import PolicyConfigError
+
+logger = logging.getLogger("vllm.streaming_sink")
+
+# CPU_ATTN ISAs whose cache layout the core's CPU kernel reads.
+_READABLE_ISAS = ("vec", "vec16")
+
+
+class PagedLayout:
+    """FLASH_ATTN, FLASHINFER, TRITON_ATTN: the core's Triton kernel."""
+
+    def prepare_builder(self, builder, layer_names) -> None:
+        from streaming_sink import triton_attention
+
+        if not triton_attention.is_available():
+            raise PolicyConfigError(
+                "--kv-policy streaming-sink needs Triton with a CUDA GPU for its streaming "
+                "rows on this backend (or TRITON_INTERPRET=1 for tests)")
+
+    @staticmethod
+    def views(kv_cache: torch.Tensor, head_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return kv_cache.transpose(1, 2).split(head_size, dim=-1)
+
+    def attend(self, impl, q, kv_cache, rows, out) -> None:
+        from streaming_sink.triton_attention import paged_attention
+
+        k_cache, v_cache = self.views(kv_cache, impl.head_size)
+        paged_attention(
+            q, k_cache, v_cache, rows.block_table, rows.query_start_loc, rows.seq_lens, impl.scale,
+            impl.policy, impl.rope, _fp32_sinks(impl, q.device), impl.layer_window, out,
+            max_query_len=rows.max_query_len, seq_mask=rows.seq_mask,
+            workspace=_workspace(impl, q))
+
+
+class CpuAttnLayout:
+    """CPU_ATTN: the core's compiled CPU kernel, reading the vec ISAs' layout in place."""
+
+    def prepare_builder(self, builder, layer_names) -> None:
+        from vllm.platforms import CpuArchEnum, current_platform
+
+        from streaming_sink.cpu_attention import load
+
+        if builder.isa not in _READABLE_ISAS:
+            if current_platform.get_cpu_architecture() != CpuArchEnum.X86:
+                raise PolicyConfigError(
+                    f"--kv-policy streaming-sink: vLLM's CPU attention uses the {builder.isa!r} "
+                    f"kernel here, whose KV layout the streaming kernel cannot read (x86 CPUs only)")
+            logger.info("streaming-sink: CPU attention ISA %r -> 'vec' (the layout the streaming "
+                        "kernel reads)", builder.isa)
+            builder.isa = "vec"
+            builder._set_isa_to_layers(layer_names)
+        load()  # built once per machine, at startup rather than on the first request
+
+    @staticmethod
+    def views(kv_cache: torch.Tensor, head_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[blocks, block_size, kv_heads, D]`` views of CPU_ATTN's vec-ISA cache."""
+        nb, hkv, bs, d2 = kv_cache.shape
+        d = d2 // 2
+        s_b, s_h = kv_cache.stride(0), kv_cache.stride(1)
+        if kv_cache.stride(2) != d2 or kv_cache.stride(3) != 1:
+            raise RuntimeError("streaming-sink: unexpected CPU KV cache strides")
+        base = kv_cache.storage_offset()
+        k = kv_cache.as_strided((nb, bs, hkv, d), (s_b, 1, s_h, bs), base)
+        v = kv_cache.as_strided((nb, bs, hkv, d), (s_b, d, s_h, 1), base + bs * d)
+        return k, v
+
+    def attend(self, impl, q, kv_cache, rows, out) -> None:
+        from streaming_sink.cpu_attention import paged_attention_cpu
+
+        k_cache, v_cache = self.views(kv_cache)
+        paged_attention_cpu(
+            q, k_cache, v_cache, rows.block_table, rows.query_start_loc, rows.seq_lens, impl.scale,
+            policy=impl.policy, rope=impl.rope, sinks=impl.sink_logits, sliding_window=impl.layer_window,
+            out=out, seq_ids=rows.seq_ids)
+
+
+def for_backend(mro: tuple[type, ...]) -> PagedLayout | CpuAttnLayout:
+    """The layout of the inner backend a wrapped builder or impl class derives from."""
+    cpu = any(c.__module__ == "vllm.v1.attention.backends.cpu_attn" for c in mro)
+    return CpuAttnLayout() if cpu else PagedLayout()
+
+
+def _fp32_sinks(impl, device: torch.device) -> torch.Tensor | None:
+    """The layer's learned sink logits as fp32 on ``device``, converted once (not per step)."""
+    if impl.sink_logits is None:
+        return None
+    cached = getattr(impl, "_sinks_fp32", None)
+    if cached is None or cached.device != device:
+        cached = impl._sinks_fp32 = impl.sink_logits.detach().to(device=device, dtype=torch.float32).contiguous()
+    return cached
+
+
+_workspaces: dict = {}
+
+
+def _workspace(impl, q: torch.Tensor) -> torch.Tensor | None:
+    """One split-KV scratch buffer per (device, shape class), shared by all layers
+    (they run one after another), allocated on the first call: before any capture."""
+    from streaming_sink.triton_attention import workspace_elems
+
+    n = workspace_elems(impl.num_heads, impl.num_kv_heads, impl.head_size, q.device)
+    if n == 0:
+        return None
+    key = (q.device, n)
+    if key not in _workspaces:
+        _workspaces[key] = torch.empty(n, dtype=torch.float32, device=q.device)
+    return _workspaces[key]
