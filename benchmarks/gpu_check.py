@@ -674,6 +674,57 @@ def run_cost_follows(timer: Timer, cfg: TCfg, args, deadline: float) -> dict:
 # ----------------------------------------------------------------------------
 # Report
 # ----------------------------------------------------------------------------
+def run_cudagraph(cfg: TCfg) -> dict:
+    """The streaming decode call captured in a CUDA graph and replayed: a batch where
+    every other sequence is masked out (the engine's own kernel's rows), split partials
+    in a persistent workspace. Eager runs under ``torch.cuda.set_sync_debug_mode("error")``
+    (any host sync raises); the replay must equal eager bit for bit, before and after the
+    step's metadata (lengths, mask, queries) changes in place. This is what vLLM's FULL
+    cudagraph modes would do with the policy's decode path; the adapter refuses them
+    until this passes on a device (docs/gpu.md)."""
+    from streaming_sink.triton_attention import paged_attention, workspace_elems
+
+    batch, window = 32, 1024
+    seq_len = 8 * window + cfg.bs // 2  # mid-block: one more token stays in the same block
+    kw, _, _ = stream_setup(cfg, batch, window, 1, seq_len, seed=3)
+    dev = kw["q"].device
+    kw["seq_mask"] = (torch.arange(batch, device=dev) % 2).to(torch.int32)
+    kw["workspace"] = torch.empty(workspace_elems(cfg.hq, cfg.hkv, cfg.d, dev), dtype=torch.float32, device=dev)
+    kw["out"].fill_(7.0)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        paged_attention(**kw)  # eager, and the warm-up (compiles) outside the capture
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    eager = [kw["out"].clone()]
+    graph = torch.cuda.CUDAGraph()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        paged_attention(**kw)
+        with torch.cuda.graph(graph, stream=stream):
+            paged_attention(**kw)
+    torch.cuda.current_stream().wait_stream(stream)
+    kw["out"].fill_(7.0)
+    graph.replay()
+    replays = [kw["out"].clone()]
+    kw["seq_lens"].add_(1)  # the next step, in place: what vLLM's persistent buffers do
+    kw["seq_mask"].copy_(1 - kw["seq_mask"])
+    kw["q"].copy_(torch.randn_like(kw["q"]))
+    kw["out"].fill_(7.0)
+    graph.replay()
+    replays.append(kw["out"].clone())
+    kw["out"].fill_(7.0)
+    paged_attention(**kw)
+    eager.append(kw["out"].clone())
+    torch.cuda.synchronize()
+    same = [bool(torch.equal(a, b)) for a, b in zip(eager, replays)]
+    untouched = bool((eager[1].view(batch, -1)[0::2] == 7.0).all())  # masked-out rows of step 2
+    return dict(name="cudagraph_decode_replay", passed=all(same) and untouched, replay_equals_eager=same,
+                masked_rows_untouched=untouched, batch=batch, seq_len=seq_len, window=window)
+
+
 def print_correctness(rows: list) -> None:
     print("\n## correctness: Triton kernel vs torch reference (fp32 math, same cache), per query row")
     hdr = (f"{'case':<34} {'dtype':>5} {'D':>4} {'rows':>5} {'strm':>5} {'keys':>6} {'gap':>6} "
@@ -870,8 +921,20 @@ def main() -> int:
             progress(f"timing stopped: {res['timing_error']}")
             traceback.print_exc()
 
+    if device == "cuda":  # capture + replay of the decode call (a correctness row: exit code)
+        progress("CUDA graph: capture and replay of the streaming decode call vs eager")
+        try:
+            res["cudagraph"] = run_cudagraph(TCfg())
+        except Exception as e:
+            res["cudagraph"] = dict(name="cudagraph_decode_replay", passed=False, error=f"{type(e).__name__}: {e}")
+            traceback.print_exc()
+        progress(f"CUDA graph: {res['cudagraph']}")
+    else:
+        res["cudagraph"] = dict(name="cudagraph_decode_replay", skipped="no CUDA graphs off the GPU")
     res["goals"] = goals(res, interpret)
     failed = [r["name"] for r in res["correctness"] if not r.get("passed")]
+    if not res["cudagraph"].get("passed", True):
+        failed.append("cudagraph_decode_replay")
     code = 0 if res["correctness"] and not failed else 1
     res.update(exit_code=code, elapsed_s=round(time.monotonic() - T0, 1), failed_cases=failed)
 
@@ -887,6 +950,9 @@ def main() -> int:
     print("\n## goals")
     for g in res["goals"]:
         print(f"{g['status']:<8} {g['goal']}: {g['detail']}")
+    cg = res["cudagraph"]
+    print(f"\ncudagraph_decode_replay: " + (f"skipped ({cg['skipped']})" if "skipped" in cg else
+                                          ("PASS" if cg["passed"] else "FAIL") + f" {cg}"))
     print(f"\ncorrectness: {len(res['correctness']) - len(failed)}/{len(res['correctness'])} cases passed"
           + (f"; FAILED: {', '.join(failed)}" if failed else "")
           + f"; exit code {code}; {res['elapsed_s']:.1f} s")

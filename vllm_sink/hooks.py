@@ -213,9 +213,10 @@ def _refuse_explicit_conflicts(args) -> None:
     mode = getattr(args.compilation_config, "cudagraph_mode", None)
     if mode is not None and mode.has_full_cudagraphs():
         raise PolicyConfigError(
-            f"--kv-policy streaming-sink's attention runs outside CUDA graphs (piecewise graphs "
-            f"around it work); --compilation-config cudagraph_mode {mode.name} asks for full "
-            f"graphs: use PIECEWISE or NONE, or leave it unset")
+            f"--kv-policy streaming-sink's attention runs outside CUDA graphs until its decode "
+            f"path's capture and replay are proven on a GPU (benchmarks/gpu_check.py; piecewise "
+            f"graphs around it work); --compilation-config cudagraph_mode {mode.name} asks for "
+            f"full graphs: use PIECEWISE or NONE, or leave it unset")
     if os.environ.get("VLLM_ALLOW_LONG_MAX_MODEL_LEN", "").strip().lower() in ("0", "false"):
         raise PolicyConfigError(
             "--kv-policy streaming-sink streams past the model's context (positions stay inside "
