@@ -67,7 +67,8 @@ Runtime on the 2-core machine (SmolLM2-135M bf16, 2026-12-01, shared with anothe
 engines 12-30 s each with warm caches; KV pools of 0.1-0.4 GiB in bf16): ``--cases 1,2 --repeats 1``
 2.5 min (runs 90 s); ``--cases 4 --repeats 1`` 6 min (runs 310 s, of which the policy's prefill of
 8 x 2048 tokens past the window ~200 s wall: ~110 prompt tok/CPU-s vs stock's dense ~600). The
-default (all cases, --repeats 3, three engines) is therefore ~20-25 min, case 4 ~15 of it.
+default (all cases, --repeats 3, three engines) is therefore ~30 min, case 4 ~15 of it. ``--cases 5``
+(2026-12-06, load average ~9): 9 min, runs 6 min (a 7000-token prefill: policy ~35 s, stock ~93 s wall).
 ``--tiny --repeats 1``: ~1 min, nearly all engine startup (its sub-second runs are smoke, not
 figures: psutil's CPU times tick at 10 ms). At exit, SGLang's shutdown kills every child of
 this process, multiprocessing's resource tracker included, which then prints a harmless

@@ -1,7 +1,8 @@
 """Touch points 2 and 3 (hooks.py): our attention backend, and positions inside the cache.
 
 ``StreamingSinkAttnBackend`` is SGLang's ``TorchNativeAttnBackend`` (its KV write, its
-per-request SDPA loop) with the contract's attention. Once per step it splits the batch:
+per-request SDPA loop) with the contract's attention. Once per step it splits the batch
+(the core's ``step_split``, then prefill chunks apart):
 
 * dense requests (``seq_len <= S + W + 1``: every query below the window, keys at their
   natural positions) run torch_native's own ``_run_sdpa_forward_extend`` /
@@ -25,9 +26,10 @@ from sglang.srt.layers.attention.torch_native_backend import TorchNativeAttnBack
 from sglang.srt.layers.radix_attention import RadixAttention
 from sglang.srt.mem_cache.memory_pool import KVWriteLoc
 
-from streaming_sink.cpu_attention import query_rows
 from streaming_sink.policy import PolicyConfigError, SinkPolicy
-from streaming_sink.rope import params_from_cos_sin_table
+from streaming_sink.rope import RotaryParams
+from streaming_sink.rotary_walk import layer_rotaries
+from streaming_sink.step_split import StepSplit, split_step
 
 from . import config as sink_config
 from .attention import query_start_loc, token_pool_attention
@@ -42,15 +44,15 @@ PREFILL_MIN_QUERIES = 16
 
 
 @dataclass
-class StepSplit:
-    """Which path each request of a step takes (CPU). ``chunks``: (its ``req_to_token`` row,
-    first query row, queries, first position) of prefill chunks for ``chunk_attention``."""
+class StepPlan:
+    """Which path each request of a step takes (CPU): the core's dense/streaming split,
+    then prefill chunks apart. A chunk: (its ``req_to_token`` row, first query row,
+    queries, first position) for ``chunk_attention``."""
 
-    dense: torch.Tensor | None  # mask of dense requests (torch_native's SDPA); None: none
-    dense_rows: torch.Tensor | None  # their query rows
-    chunks: list[tuple[int, int, int, int]]  # streaming requests
-    dense_chunks: list[tuple[int, int, int, int]]  # dense ones (learned-sink layers only)
-    kernel: torch.Tensor | None  # the other streaming requests; None: none
+    split: StepSplit  # dense requests: torch_native's SDPA (layers without learned sinks)
+    chunks: list[tuple[int, int, int, int]]  # streaming requests' prefill chunks
+    dense_chunks: list[tuple[int, int, int, int]]  # dense ones' (learned-sink layers only)
+    kernel: torch.Tensor | None  # the other streaming requests: the core's kernel; None: none
     kernel_all: torch.Tensor | None  # every request not in a chunk (learned-sink layers); None: none
 
 
@@ -61,7 +63,7 @@ class StreamingSinkAttnBackend(TorchNativeAttnBackend):
         super().__init__(model_runner)
         self.policy = policy
         self.ropes = layer_ropes(model_runner.model, policy)
-        self.split: StepSplit | None = None
+        self.plan: StepPlan | None = None
         self.qsl = None
         if model_runner.device == "cpu":
             from streaming_sink.cpu_attention import load
@@ -72,7 +74,7 @@ class StreamingSinkAttnBackend(TorchNativeAttnBackend):
         """Once per step: the requests' query offsets and which path each takes."""
         super().init_forward_metadata(forward_batch)
         fb = forward_batch
-        self.split = self.qsl = None
+        self.plan = self.qsl = None
         if fb.seq_lens is None or fb.forward_mode.is_idle():
             return
         extend = fb.forward_mode.is_extend()
@@ -80,25 +82,23 @@ class StreamingSinkAttnBackend(TorchNativeAttnBackend):
         self.qsl = query_start_loc(q_lens)
         if fb.seq_lens.is_cuda:
             return  # the Triton kernel takes the whole batch
-        self.split = self._split(fb.seq_lens, self.qsl, fb.req_pool_indices, extend)
+        self.plan = self._plan(fb.seq_lens, self.qsl, fb.req_pool_indices, extend)
 
-    def _split(self, seq_lens, qsl, pool_rows, extend: bool) -> StepSplit:
-        dense = seq_lens <= self.policy.dense_tokens
-        in_chunk = torch.zeros_like(dense)
-        chunks, dense_chunks = [], []
-        starts = qsl.tolist()
-        for i, (n, row, lo, hi) in enumerate(zip(seq_lens.tolist(), pool_rows.tolist(), starts, starts[1:])):
+    def _plan(self, seq_lens, qsl, pool_rows, extend: bool) -> StepPlan:
+        split = split_step(self.policy, seq_lens, qsl)
+        lens, starts, rows = seq_lens.tolist(), qsl.tolist(), pool_rows.tolist()
+        chunks, dense_chunks, rest = [], [], []
+        for i, (n, row, lo, hi) in enumerate(zip(lens, rows, starts, starts[1:])):
             if extend and hi - lo >= PREFILL_MIN_QUERIES:
-                in_chunk[i] = True
                 (dense_chunks if n <= self.policy.dense_tokens else chunks).append((row, lo, hi - lo, n - (hi - lo)))
-        any_dense = bool(dense.any())
-        dense_rows = None
-        if any_dense and not bool(dense.all()):
-            dense_rows, _ = query_rows(qsl, torch.nonzero(dense).flatten())
-        kernel = torch.nonzero(~dense & ~in_chunk).flatten()
-        kernel_all = torch.nonzero(~in_chunk).flatten()
-        return StepSplit(dense if any_dense else None, dense_rows, chunks, dense_chunks,
-                         kernel if kernel.numel() else None, kernel_all if kernel_all.numel() else None)
+            else:
+                rest.append(i)
+        streaming_rest = [i for i in rest if lens[i] > self.policy.dense_tokens]
+
+        def ids(xs):
+            return torch.tensor(xs, dtype=torch.long) if xs else None
+
+        return StepPlan(split, chunks, dense_chunks, ids(streaming_rest), ids(rest))
 
     def _run(self, q, k, v, layer, fb, save_kv_cache, extend, sinks=None, **_):
         if layer.qk_head_dim != layer.v_head_dim or layer.is_cross_attention:
@@ -116,17 +116,17 @@ class StreamingSinkAttnBackend(TorchNativeAttnBackend):
         k_buf = self.token_to_kv_pool.get_key_buffer(layer.layer_id)
         v_buf = self.token_to_kv_pool.get_value_buffer(layer.layer_id)
         rope = self.ropes[layer.layer_id]
-        split = self.split
-        if split is None:  # CUDA: the core's Triton kernel for every row
+        plan = self.plan
+        if plan is None:  # CUDA: the core's Triton kernel for every row
             token_pool_attention(q_, k_buf, v_buf, table, fb.req_pool_indices, fb.seq_lens, self.qsl,
                                  layer.scaling, self.policy, rope, o, sinks=sinks, sliding_window=layer_window)
             return o.view(n, -1)
-        chunks, kernel = split.chunks, split.kernel
+        chunks, kernel = plan.chunks, plan.kernel
         if sinks is None:  # torch_native has no learned sinks
-            if split.dense is not None:
-                self._stock_rows(q_, o, layer, fb, extend, sw, split.dense, split.dense_rows)
+            if plan.split.any_dense:
+                self._stock_rows(q_, o, layer, fb, extend, sw, plan.split.dense_ids, plan.split.dense_rows)
         else:
-            chunks, kernel = chunks + split.dense_chunks, split.kernel_all
+            chunks, kernel = chunks + plan.dense_chunks, plan.kernel_all
         for row, lo, count, first_t in chunks:
             chunk_attention(q_[lo:lo + count], k_buf, v_buf, table[row], first_t, layer.scaling, self.policy,
                             rope, o[lo:lo + count], sinks=sinks, sliding_window=layer_window)
@@ -137,8 +137,8 @@ class StreamingSinkAttnBackend(TorchNativeAttnBackend):
         return o.view(n, -1)
 
     def _stock_rows(self, q_, o, layer, fb, extend, sw, dense, rows):
-        """torch_native's own per-request SDPA loop for the dense requests (mask ``dense``,
-        query ``rows``; ``rows`` None: every request), called as stock SGLang calls it."""
+        """torch_native's own per-request SDPA loop for the dense requests (ids ``dense``,
+        query ``rows``; both None: every request), called as stock SGLang calls it."""
         reqs = dict(req_pool_indices=fb.req_pool_indices, seq_lens=fb.seq_lens)
         if extend:
             reqs.update(extend_prefix_lens=fb.extend_prefix_lens, extend_seq_lens=fb.extend_seq_lens)
@@ -163,31 +163,16 @@ class StreamingSinkAttnBackend(TorchNativeAttnBackend):
         return self._run(q, k, v, layer, forward_batch, save_kv_cache, False, **kw)
 
 
-def layer_ropes(model, policy: SinkPolicy) -> dict:
-    """Each RadixAttention layer's rotary frequencies, from the ``rotary_emb`` beside it
-    (Gemma 3: one per layer type, its own base); refuses a layer window past W + 1."""
-    ropes, layers = {}, []
-    by_module: dict[int, object] = {}  # one table read per rotary module (shared by SGLang's get_rope)
-    for parent_name, parent in model.named_modules():
-        for child_name, child in parent.named_children():
-            if not isinstance(child, RadixAttention):
-                continue
-            layers.append(f"{parent_name}.{child_name}")
-            rope = getattr(parent, "rotary_emb", None)
-            if rope is None or not all(hasattr(rope, a) for a in ("rotary_dim", "is_neox_style", "cos_sin_cache")):
-                continue
-            if id(rope) not in by_module:
-                table = rope._compute_cos_sin_cache()  # float32, before any dtype cast
-                by_module[id(rope)] = params_from_cos_sin_table(
-                    table, rope.rotary_dim, rope.is_neox_style, policy, f"{parent_name}.{child_name}")
-            ropes[child.layer_id] = by_module[id(rope)]
-            sw = getattr(child, "sliding_window_size", None)  # SGLang's: sw + 1 keys
-            if sw is not None and sw > -1:
-                policy.check_layer_window(sw + 1, f"attention layer {child.layer_id}")
-    if len(ropes) != len(layers):
-        raise PolicyConfigError(
-            f"--kv-policy streaming-sink needs RoPE attention; {len(layers) - len(ropes)} attention "
-            f"layer(s) have no standard rotary embedding beside them")
+def layer_ropes(model, policy: SinkPolicy) -> dict[int, RotaryParams]:
+    """Each RadixAttention layer's rotary frequencies (the core's rotary walk: the
+    ``rotary_emb`` beside it; Gemma 3: one per layer type, its own base); refuses a
+    layer window past W + 1 (SGLang's ``sliding_window_size`` counts sw + 1 keys)."""
+    ropes = {}
+    for found in layer_rotaries(model, lambda m: isinstance(m, RadixAttention), policy):
+        ropes[found.layer.layer_id] = found.params
+        sw = getattr(found.layer, "sliding_window_size", None)
+        if sw is not None and sw > -1:
+            policy.check_layer_window(sw + 1, f"attention layer {found.layer.layer_id}")
     return ropes
 
 

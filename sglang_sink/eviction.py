@@ -39,8 +39,8 @@ def evict(original, batch):
         if span is not None:
             allocator.free(rows[kv.req_pool_idx, span[0]:span[1]])
             recycled += span[1] - span[0]
-        steps.append((cursor, before, done))
         held[req.rid] = cursor.held(kv.kv_allocated_len)
+        steps.append((cursor, before, held[req.rid], done))
     if state.metrics is not None:
         state.metrics.observe_step(steps, recycled)
     record_step(allocator, getattr(batch, "tree_cache", None), held)

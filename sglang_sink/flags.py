@@ -15,36 +15,22 @@ from __future__ import annotations
 import logging
 import os
 
-from streaming_sink.policy import PolicyConfigError, SinkPolicy, check_flags
+from streaming_sink.flags import add_flags, check_flags, resolved_settings
+from streaming_sink.hf_config import check_model_config, layer_window, rotary_table_len
+from streaming_sink.policy import PolicyConfigError, SinkPolicy
 
 from . import config as sink_config
-from . import model_checks
-from .hooks import RADIX_BACKEND, check_hooks_applied, check_version  # our radix cache, under SGLang's --radix-cache-backend registry
+from .hooks import RADIX_BACKEND, check_hooks_applied, check_version
 
 # A child of "sglang" so our lines go through SGLang's own log handlers.
 logger = logging.getLogger("sglang.streaming_sink")
 
 
 
-def add_flags(parser) -> None:
-    group = parser.add_argument_group(
-        "streaming-sink", "StreamingLLM attention sinks: stream past the context window "
-        "with bounded KV memory (docs/sglang.md).")
-    group.add_argument("--kv-policy", choices=["none", "streaming-sink"], default="none",
-                       help="KV cache policy. 'streaming-sink' pins the first --sink-tokens "
-                            "tokens and keeps a sliding window of recent KV slots.")
-    group.add_argument("--sink-tokens", type=int, default=None,
-                       help="Tokens kept forever as attention sinks; None (the default) means 4 "
-                            "(0: plain window attention, the baseline that collapses).")
-    group.add_argument("--sink-window", type=int, default=None,
-                       help="Recent tokens kept; None (the default) means the largest window the "
-                            "model's rotary table allows.")
-
-
 def add_cli_args(original, parser, *args, **kwargs):
     """AROUND ``ServerArgs.add_cli_args(parser)``."""
     result = original(parser, *args, **kwargs)
-    add_flags(parser)
+    add_flags(parser, "sglang")
     return result
 
 
@@ -74,12 +60,17 @@ def apply_flags(server_args, flags: dict) -> None:
         return
     check_version()
     check_hooks_applied()
-    model_checks.refuse_state_layers(server_args.model_path)
-    _streaming_defaults(server_args, model_checks.architectures(server_args.model_path))
-    rotary_len = model_checks.rotary_table_len(server_args.model_path)
-    policy = SinkPolicy.resolve(opts["sink_tokens"], opts["sink_window"], 1, rotary_len, "the model")
-    model_checks.refuse_long_layer_windows(server_args.model_path, policy)
-    setattr(server_args, sink_config.ATTR, {**opts, "window_tokens": policy.window_tokens, "block_size": 1})
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(server_args.model_path)
+    check_model_config(cfg, server_args.model_path)  # hybrids, RoPE (core rules, hf_config.py)
+    _streaming_defaults(server_args, list(getattr(cfg, "architectures", None) or ()))
+    # SGLang's page size is 1 (set or refused above): the policy's block size.
+    policy = SinkPolicy.resolve(opts["sink_tokens"], opts["sink_window"], 1, rotary_table_len(cfg), "the model")
+    # A layer window of its own (Gemma 3, GPT-OSS) must fit --sink-window + 1; the
+    # backend checks the built layers again (backend.layer_ropes).
+    policy.check_layer_window(layer_window(cfg), "a sliding_attention layer")
+    setattr(server_args, sink_config.ATTR, resolved_settings(opts, policy))
     logger.info("%s; context_length %s", policy.describe(), server_args.context_length)
 
 

@@ -33,13 +33,14 @@ from __future__ import annotations
 import importlib
 import logging
 
-from streaming_sink.policy import PolicyConfigError
+from streaming_sink import versions
+from streaming_sink.errors import PolicyConfigError
 
 from .state import state
 
 logger = logging.getLogger("sglang.streaming_sink")
 
-CHECKED_SGLANG_VERSIONS = ("0.5.23",)
+CHECKED_SGLANG_VERSIONS = versions.CHECKED_VERSIONS["sglang"]  # the core's table (streaming_sink/versions.py)
 RADIX_BACKEND = "streaming-sink"  # our radix cache's name in SGLang's registry (touch point 8)
 
 _S = "sglang.srt."
@@ -69,16 +70,11 @@ FLAG_TARGETS = [t for t, (point, _, _) in TARGETS.items() if point == 1]
 def sglang_version() -> str:
     import sglang
 
-    return sglang.__version__.split("+")[0]
+    return versions.release(sglang.__version__)
 
 
 def check_version() -> None:
-    version = sglang_version()
-    if version not in CHECKED_SGLANG_VERSIONS:
-        raise PolicyConfigError(
-            f"--kv-policy streaming-sink was checked against SGLang {', '.join(CHECKED_SGLANG_VERSIONS)}; "
-            f"the installed SGLang is {version}. Install a checked version "
-            f"(pip install 'streaming-sink[sglang]') or run without --kv-policy.")
+    versions.check_version("sglang", sglang_version())
 
 
 def _ours(ref: str):
@@ -106,11 +102,9 @@ def install() -> None:
     state.installed = True
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
-    checked = sglang_version() in CHECKED_SGLANG_VERSIONS
+    checked = versions.is_checked("sglang", sglang_version())
     if not checked:
-        logger.warning("streaming-sink: SGLang %s is not a checked version (%s); "
-                       "--kv-policy streaming-sink will refuse to start",
-                       sglang_version(), ", ".join(CHECKED_SGLANG_VERSIONS))
+        logger.warning(versions.unchecked_warning("sglang", sglang_version()))
     for target, (_, kind, ref) in TARGETS.items():
         if checked or target in FLAG_TARGETS:  # other versions: flags only, which refuse
             HookRegistry.register(target, _ours(ref), HookType[kind])

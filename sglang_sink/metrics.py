@@ -22,9 +22,11 @@ from __future__ import annotations
 
 import logging
 
+from streaming_sink import metric_names
 from streaming_sink.policy import SinkPolicy
 
-PREFIX = "sglang:streaming_sink_"
+ENGINE = "sglang"  # names and help from the core's table: sglang:streaming_sink_<name>, unit "token"
+PREFIX = f"{ENGINE}:{metric_names.PREFIX}"
 
 
 def kv_token_buckets(policy: SinkPolicy, chunk: int) -> list[float]:
@@ -38,19 +40,25 @@ def kv_token_buckets(policy: SinkPolicy, chunk: int) -> list[float]:
 class _Request:
     """One running request's share of the gauges, and the most KV slots of its own it held."""
 
-    __slots__ = ("past", "pinned", "peak")
+    __slots__ = ("past", "pinned", "live", "peak")
 
     def __init__(self) -> None:
-        self.past = self.pinned = self.peak = 0
+        self.past = self.pinned = self.live = self.peak = 0
+
+
+def _series(cls, key: str, labels: dict, **kwargs):
+    return cls(name=metric_names.metric_name(ENGINE, key), documentation=metric_names.metric_help(ENGINE, key),
+               labelnames=list(labels), **kwargs).labels(**labels)
 
 
 class SinkMetrics:
-    """The four series, and the running totals behind the two gauges.
+    """The core's six series (``streaming_sink.metric_names``), SGLang's unit: tokens (KV
+    slots at page size 1), and the running totals behind the gauges.
 
     Fed by touch points 4/5 (eviction.py) after they act: each step's requests
     (``observe_step``) and each release of a request's KV (``observe_release``: finish,
     abort, retract). Per request, keyed by its eviction cursor: whether it is past the
-    window, the sink slots it pins, the most KV slots of its own it held."""
+    window, the sink slots it pins, the slots of its own it holds, the most it held."""
 
     def __init__(self, policy: SinkPolicy, labels: dict, chunk: int,
                  gauge_cls=None, counter_cls=None, histogram_cls=None) -> None:
@@ -59,64 +67,54 @@ class SinkMetrics:
         Gauge, Counter, Histogram = gauge_cls or Gauge, counter_cls or Counter, histogram_cls or Histogram
         self.policy = policy
         self.labels = dict(labels)
-        names = list(self.labels)
-        self.past_window_reqs = Gauge(
-            name=PREFIX + "num_past_window_reqs",
-            documentation="Running requests past the window (more than sinks + window tokens in the "
-                          "cache): they hold the sinks and the window only.",
-            labelnames=names, multiprocess_mode="mostrecent").labels(**self.labels)
-        self.pinned_tokens = Gauge(
-            name=PREFIX + "pinned_sink_tokens",
-            documentation="KV slots pinned as attention sinks by running requests (min(S, tokens in "
-                          "cache) each; a sink shared through the radix cache counts per request).",
-            labelnames=names, multiprocess_mode="mostrecent").labels(**self.labels)
-        self.recycled_tokens = Counter(
-            name=PREFIX + "recycled_tokens_total",
-            documentation="KV slots the policy returned to SGLang's allocator (the gap between the "
-                          "sinks and the window).",
-            labelnames=names).labels(**self.labels)
-        self.live_kv_tokens = Histogram(
-            name=PREFIX + "live_kv_tokens_histogram",
-            documentation="Per request: the most KV slots of its own it held at once (sinks + window "
-                          "+ the step's new tokens), observed when it releases its KV.",
-            labelnames=names, buckets=kv_token_buckets(policy, chunk)).labels(**self.labels)
-        self.past = self.pinned = 0
+        gauge = dict(multiprocess_mode="mostrecent")
+        self.requests_past_window = _series(Gauge, "requests_past_window", self.labels, **gauge)
+        self.sinks_pinned = _series(Gauge, "sinks_pinned", self.labels, **gauge)
+        self.live_tokens = _series(Gauge, "live", self.labels, **gauge)
+        self.max_live_tokens = _series(Gauge, "max_live", self.labels, **gauge)
+        self.recycled_tokens = _series(Counter, "recycled", self.labels)
+        self.request_peak = _series(Histogram, "request_peak", self.labels, buckets=kv_token_buckets(policy, chunk))
+        self.past = self.pinned = self.live = 0
         self.requests: dict[int, _Request] = {}  # id(cursor) -> its share
-        self.past_window_reqs.set(0)
-        self.pinned_tokens.set(0)
+        for g in (self.requests_past_window, self.sinks_pinned, self.live_tokens):
+            g.set(0)
+        self.max_live_tokens.set(policy.dense_tokens)  # S + W + 1: sinks + window + the current token
 
     def observe_step(self, steps, recycled: int) -> None:
         """One step's eviction: ``steps`` = (cursor, slots of its own held before this step's
-        free, tokens in its cache) per request; ``recycled`` slots went back to the pool."""
-        for cursor, held, tokens_in_cache in steps:
+        free, and after it, tokens in its cache) per request; ``recycled`` slots went back."""
+        for cursor, held, live, tokens_in_cache in steps:
             req = self.requests.setdefault(id(cursor), _Request())
             req.peak = max(req.peak, held)  # held since the previous step's allocation
             past = int(self.policy.is_streaming(tokens_in_cache // self.policy.block_size))
             pinned = min(tokens_in_cache, self.policy.sink_tokens)
-            self._move(past - req.past, pinned - req.pinned)
-            req.past, req.pinned = past, pinned
+            self._move(past - req.past, pinned - req.pinned, live - req.live)
+            req.past, req.pinned, req.live = past, pinned, live
         if recycled:
             self.recycled_tokens.inc(recycled)
 
     def observe_release(self, cursor, held: int) -> None:
         """The request gave its KV back, holding ``held`` slots of its own (its final row)."""
         req = self.requests.pop(id(cursor), None) or _Request()
-        self._move(-req.past, -req.pinned)
-        self.live_kv_tokens.observe(max(req.peak, held))
+        self._move(-req.past, -req.pinned, -req.live)
+        self.request_peak.observe(max(req.peak, held))
 
     def forget(self, cursor) -> None:
         """A request whose release was never seen (its cursor was replaced): out of the gauges."""
         req = self.requests.pop(id(cursor), None)
         if req is not None:
-            self._move(-req.past, -req.pinned)
+            self._move(-req.past, -req.pinned, -req.live)
 
-    def _move(self, d_past: int, d_pinned: int) -> None:
+    def _move(self, d_past: int, d_pinned: int, d_live: int) -> None:
         if d_past:
             self.past += d_past
-            self.past_window_reqs.set(self.past)
+            self.requests_past_window.set(self.past)
         if d_pinned:
             self.pinned += d_pinned
-            self.pinned_tokens.set(self.pinned)
+            self.sinks_pinned.set(self.pinned)
+        if d_live:
+            self.live += d_live
+            self.live_tokens.set(self.live)
 
 
 # ---- touch point 9 (hooks.py): SchedulerMetricsCollector.init_new, AFTER ------------------

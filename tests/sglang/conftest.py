@@ -62,3 +62,23 @@ def tiny_gemma3_128(tmp_path_factory) -> str:
     from tiny_models import build_tiny_gemma3
 
     return build_tiny_gemma3(tmp_path_factory.mktemp("tiny-gemma3-128"), max_position_embeddings=CONTEXT)
+
+
+@pytest.fixture(scope="session")
+def tiny_gptoss_128(tmp_path_factory) -> str:
+    """The tiny random GPT-OSS (learned sinks, sliding + full layers, YaRN factor 4 over 32
+    original positions, MoE) with a 128-position context. SGLang keeps the sink logits in
+    bfloat16, so they are written bfloat16-exact: a comparison is then of the attention."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from tiny_models import build_tiny_gptoss
+
+    path = build_tiny_gptoss(tmp_path_factory.mktemp("tiny-gptoss-128"), max_position_embeddings=CONTEXT,
+                             yarn_original_max_position_embeddings=CONTEXT // 4)
+    f = f"{path}/model.safetensors"
+    weights = load_file(f)
+    for name in [n for n in weights if n.endswith("self_attn.sinks")]:
+        weights[name] = weights[name].to(torch.bfloat16).float()
+    save_file(weights, f, metadata={"format": "pt"})
+    return path

@@ -1,7 +1,8 @@
 """Checks the table of SGLang touch points (``sglang_sink.hooks.hook_targets``) against the
 installed SGLang, without a GPU: every target exists with the parameters our code calls,
 overrides or receives through a hook. The SGLang twin of tests/hook_check.py (vLLM), whose
-engine-free parts it reuses: how a call binds, the parameter names of a function.
+engine-free parts it reuses: how a name resolves, how a call binds, the parameter names
+of a function.
 
 Patched targets are seen through: ``HookRegistry`` wraps the original with
 ``functools.wraps`` (``__wrapped__``), so the check gives the same answer before and
@@ -11,14 +12,12 @@ after the plugin's hooks are applied.
 from __future__ import annotations
 
 import ast
-import dataclasses
 import importlib
 import inspect
 import textwrap
 
 import hook_check  # tests/hook_check.py: _check_call, _params, _names, _raw
 
-_MISSING = object()
 _OUR_MODULES = ("sglang_sink.backend", "sglang_sink.radix_cache")
 
 
@@ -52,23 +51,18 @@ def _assigned_in_source(cls, name: str) -> bool:
 
 
 def resolve(target: str):
-    """(owner, name, value) for ``"module:Qual.name"``; value is _MISSING for an instance
-    attribute (a field without a class default, or ``self.x = ...``)."""
-    module_name, _, qualname = target.partition(":")
-    owner = importlib.import_module(module_name)
-    *path, name = qualname.split(".")
-    for part in path:
-        owner = getattr(owner, part)
+    """(owner, name, value) for ``"module:Qual.name"`` (hook_check.resolve); value is
+    ``hook_check._MISSING`` for an instance attribute, here also one an SGLang class assigns."""
     try:
-        return owner, name, hook_check._raw(owner, name)
+        return hook_check.resolve(target)
     except AttributeError:
-        if inspect.isclass(owner):
-            if dataclasses.is_dataclass(owner) and name in {f.name for f in dataclasses.fields(owner)}:
-                return owner, name, _MISSING
-            if any(name in getattr(b, "__annotations__", {}) for b in owner.__mro__):
-                return owner, name, _MISSING
-            if _assigned_in_source(owner, name):
-                return owner, name, _MISSING
+        module_name, _, qualname = target.partition(":")
+        *path, name = qualname.split(".")
+        owner = importlib.import_module(module_name)
+        for part in path:
+            owner = getattr(owner, part)
+        if inspect.isclass(owner) and _assigned_in_source(owner, name):
+            return owner, name, hook_check._MISSING
         raise
 
 
@@ -82,7 +76,7 @@ def check_target(kind: str, target: str, expected) -> str | None:
         return None
     if inspect.isclass(value):  # a call of a class: its __init__
         value = value.__init__
-    if value is _MISSING or not callable(value):
+    if value is hook_check._MISSING or not callable(value):
         return f"{target}: found, but not a function ({kind} expected)"
     params = hook_check._params(sglang_original(value))
     if kind in ("hooked", "override"):

@@ -18,10 +18,14 @@ from conftest import CONTEXT
 from server_process import free_port, running_server
 from sglang_helpers import CHUNK, S, W, random_ids
 
+from streaming_sink.metric_names import metric_name
 from streaming_sink.policy import SinkPolicy
 
 POLICY = SinkPolicy(S, W, 1)
-P = "sglang:streaming_sink_"
+# The core's names (streaming_sink/metric_names.py), SGLang's unit: tokens.
+PAST, PINNED, LIVE, MAX_LIVE, PEAK = (metric_name("sglang", k) for k in (
+    "requests_past_window", "sinks_pinned", "live", "max_live", "request_peak"))
+RECYCLED = metric_name("sglang", "recycled") + "_total"
 
 
 @pytest.fixture(scope="module")
@@ -82,14 +86,18 @@ def generate(base: str, ids: list[int], n: int, stream: bool = False):
 def test_metrics_follow_the_policy(server):
     base = server
     before = scrape(base)
-    names = ("num_past_window_reqs", "pinned_sink_tokens", "recycled_tokens_total",
-             "live_kv_tokens_histogram_count", "live_kv_tokens_histogram_sum")
+    assert (PAST, PINNED, LIVE, RECYCLED, PEAK) == (
+        "sglang:streaming_sink_requests_past_window", "sglang:streaming_sink_sink_tokens_pinned",
+        "sglang:streaming_sink_live_tokens", "sglang:streaming_sink_recycled_tokens_total",
+        "sglang:streaming_sink_request_live_tokens")
+    names = (PAST, PINNED, LIVE, RECYCLED, PEAK + "_count", PEAK + "_sum")
     # SGLang's own label set (scheduler metrics), on every series of ours.
     sglang_labels = before["sglang:num_running_reqs"][0][0]
     for name in names:
-        assert [labels for labels, _ in before[P + name]] == [sglang_labels], name
-        assert value(before, P + name) == 0
-    buckets = {labels["le"] for labels, _ in before[P + "live_kv_tokens_histogram_bucket"]}
+        assert [labels for labels, _ in before[name]] == [sglang_labels], name
+        assert value(before, name) == 0
+    assert value(before, MAX_LIVE) == S + W + 1  # the policy's bound for a decoding request
+    buckets = {labels["le"] for labels, _ in before[PEAK + "_bucket"]}
     assert {f"{float(S + W)}", f"{float(S + W + 1)}", f"{float(S + W + CHUNK)}"} <= buckets
 
     # A: a long stream, started first; B: a shorter one streamed beside it.
@@ -99,9 +107,9 @@ def test_metrics_follow_the_policy(server):
     thread = threading.Thread(target=lambda: result.update(a=generate(base, a_ids, a_new).json()))
     thread.start()
     try:
-        first = until(base, lambda s: value(s, P + "num_past_window_reqs") >= 1)
-        assert value(first, P + "num_past_window_reqs") == 1  # A alone, past the window
-        assert value(first, P + "pinned_sink_tokens") == S
+        first = until(base, lambda s: value(s, PAST) >= 1)
+        assert value(first, PAST) == 1  # A alone, past the window
+        assert value(first, PINNED) == S
         during, got = None, 0
         with generate(base, b_ids, b_new, stream=True) as resp:
             assert resp.status_code == 200, resp.text
@@ -113,34 +121,36 @@ def test_metrics_follow_the_policy(server):
                     during = scrape(base)
         assert got == b_new
         # Both past the window: each pins its S sinks.
-        assert value(during, P + "num_past_window_reqs") == 2
-        assert value(during, P + "pinned_sink_tokens") == 2 * S
-        assert value(during, P + "recycled_tokens_total") > 0
+        assert value(during, PAST) == 2
+        assert value(during, PINNED) == 2 * S
+        assert value(during, LIVE) == 2 * (S + W)  # each: its sinks and window, before a step's allocation
+        assert value(during, RECYCLED) > 0
         # B released, A still streaming.
-        after_b = until(base, lambda s: value(s, P + "live_kv_tokens_histogram_count") >= 1)
+        after_b = until(base, lambda s: value(s, PEAK + "_count") >= 1)
         assert "a" not in result, "A finished before B: the test lost its overlap"
-        assert value(after_b, P + "num_past_window_reqs") == 1
-        assert value(after_b, P + "pinned_sink_tokens") == S
-        assert value(after_b, P + "live_kv_tokens_histogram_count") == 1
+        assert value(after_b, PAST) == 1
+        assert value(after_b, PINNED) == S
+        assert value(after_b, PEAK + "_count") == 1
         # A decode past the window holds S + W slots before a step, S + W + 1 with its new token.
-        assert value(after_b, P + "live_kv_tokens_histogram_sum") == S + W + 1
+        assert value(after_b, PEAK + "_sum") == S + W + 1
     finally:
         thread.join()
     assert result["a"]["meta_info"]["completion_tokens"] == a_new
-    after = until(base, lambda s: value(s, P + "live_kv_tokens_histogram_count") >= 2
-                  and value(s, P + "num_past_window_reqs") == 0)
-    assert value(after, P + "num_past_window_reqs") == 0
-    assert value(after, P + "pinned_sink_tokens") == 0
-    assert value(after, P + "live_kv_tokens_histogram_count") == 2
-    assert value(after, P + "live_kv_tokens_histogram_sum") == 2 * (S + W + 1)
+    after = until(base, lambda s: value(s, PEAK + "_count") >= 2
+                  and value(s, PAST) == 0)
+    assert value(after, PAST) == 0
+    assert value(after, PINNED) == 0
+    assert value(after, LIVE) == 0
+    assert value(after, PEAK + "_count") == 2
+    assert value(after, PEAK + "_sum") == 2 * (S + W + 1)
     want = recycled_by(len(a_ids), a_new) + recycled_by(len(b_ids), b_new)
-    print(f"recycled: {value(after, P + 'recycled_tokens_total'):.0f} (policy: {want})")
-    assert value(after, P + "recycled_tokens_total") == want
+    print(f"recycled: {value(after, RECYCLED):.0f} (policy: {want})")
+    assert value(after, RECYCLED) == want
     # The tokenizer process's own series (labelled on first use) still reach /metrics:
     # our early hook did not break SGLang's multiprocess mode.
     assert sum(v for _, v in after["sglang:generation_tokens_total"]) == a_new + b_new
     # Both observations in the S + W + 1 bucket, none below it.
-    le = {labels["le"]: v for labels, v in after[P + "live_kv_tokens_histogram_bucket"]}
+    le = {labels["le"]: v for labels, v in after[PEAK + "_bucket"]}
     assert le[f"{float(S + W)}"] == 0 and le[f"{float(S + W + 1)}"] == 2
     text = requests.get(base + "/metrics", timeout=10).text
     print("\n".join(line for line in text.splitlines() if "streaming_sink" in line))
