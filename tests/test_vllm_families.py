@@ -1,73 +1,109 @@
-"""GPT-OSS (learned sinks, sliding + full layers, YaRN, MoE) on the real vLLM engine
-(CPU build) with --kv-policy streaming-sink, against the GPT-OSS oracle.
+"""Model families with their own sliding layers on the real vLLM engine (CPU build) with
+--kv-policy streaming-sink, each against its independent oracle: one suite, parametrized
+over (model family, oracle).
 
-Tiny random GptOssForCausalLM (tests/tiny_models.py): layers sliding(32) / full /
-sliding(32), max_position_embeddings 256 (YaRN 4 x 64), block 32, S=4, W=128: the
-dense regime ends at token 192 and every stream here is 16x the model's context.
-Under the policy the full layer becomes a sink+window layer, the sliding layers
-keep their own 32-token window; all three honour the learned sinks and rotate at
-positions inside the cache.
+* ``gptoss``: tiny random GptOssForCausalLM (learned sinks, sliding + full layers, YaRN
+  4 x 64, MoE) vs tests/oracle_gptoss.py. Under the policy all three layers honour the
+  learned sinks.
+* ``gemma3``: tiny random Gemma3ForCausalLM (sliding layers with their own window and
+  RoPE base 1e4, a global layer with base 1e6, q/k norms, sandwich norms, a final logit
+  soft-cap) vs tests/oracle_gemma3.py. What vLLM's Gemma 3 has that the backend refuses:
+  nothing. vLLM 0.32's Gemma 3 hard-codes ``attn_logits_soft_cap=None`` (Gemma 2's
+  attention soft-cap is gone; HF 5.19 does not apply ``attn_logit_softcapping`` to Gemma 3
+  either), and ``final_logit_softcapping`` is applied by the logits processor, outside
+  attention: the tiny model sets it to 8 and the engine matches the oracle's cap.
 
-All engines of this module live in module-scoped fixtures until the module ends:
-deleting an in-process vLLM engine tears down process-wide state other engines use.
+Both: layers sliding(32) / full / sliding(32), max_position_embeddings 256, block 32,
+S=4, W=128: the dense regime ends at token 192 and every stream here is 16x the model's
+context. Under the policy the full layer becomes a sink+window layer, the sliding layers
+keep their own 32-token window; every layer rotates at positions inside the cache, each
+with its own rotary module's frequencies.
+
+All engines of a family live in module-scoped fixtures until its last test (pytest runs
+one family's tests, then the other's): deleting an in-process vLLM engine tears down
+process-wide state other engines use.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import pytest
 import torch
 
+import tiny_models
+from oracle_gemma3 import OracleGemma3
 from oracle_gptoss import OracleGptOss
 from vllm_helpers import BS, S, W, SamplingParams, check_greedy, free_blocks, greedy, kv_manager, make_llm, \
     output_logprobs, prompt_logprobs, random_ids, run_stepwise_by_group
 
 from streaming_sink.policy import PolicyConfigError, SinkPolicy
 
-CONTEXT = 256  # max_position_embeddings of the tiny GPT-OSS
-SLIDING = 32  # its layers' own window
+CONTEXT = 256  # max_position_embeddings of both tiny models
+SLIDING = 32  # their sliding layers' own window
 CHUNK = 200  # max_num_batched_tokens of make_llm
 POLICY = SinkPolicy(S, W, BS)
-TOL = 5e-4  # float32 engine vs float64 oracle, logprobs (measured ~2e-4)
+# float32 engine vs float64 oracle, logprobs (measured: GPT-OSS ~2e-4, Gemma 3 < 1e-5)
+TOL = 5e-4
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    build: str  # the tests/tiny_models.py builder
+    oracle: type
+    rope_tables: int  # distinct rotary modules (Gemma 3: one per layer type, its own base)
+
+    def layer_inv_freq(self, oracle, layer_type: str) -> torch.Tensor:
+        freqs = oracle.inv_freq
+        return freqs[layer_type] if isinstance(freqs, dict) else freqs
+
+
+FAMILIES = {f.name: f for f in (
+    Family("gptoss", "build_tiny_gptoss", OracleGptOss, rope_tables=1),
+    Family("gemma3", "build_tiny_gemma3", OracleGemma3, rope_tables=2),
+)}
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def family(request) -> Family:
+    return FAMILIES[request.param]
 
 
 @pytest.fixture(scope="module")
-def tiny_gptoss(tmp_path_factory) -> str:
-    from tiny_models import build_tiny_gptoss
-
-    return build_tiny_gptoss(tmp_path_factory.mktemp("tiny-gptoss"))
+def model_dir(family, tmp_path_factory) -> str:
+    return getattr(tiny_models, family.build)(tmp_path_factory.mktemp(f"tiny-{family.name}"))
 
 
-def test_layer_window_longer_than_policy_window_refused(tmp_path):
-    """(b) A layer window that reaches past --sink-window is refused at startup, before
-    any engine is built (so this test leaves the process's vLLM state untouched)."""
-    from tiny_models import build_tiny_gptoss
-
-    path = build_tiny_gptoss(tmp_path / "sw48", sliding_window=48)
+def test_layer_window_longer_than_policy_window_refused(family, tmp_path):
+    """A layer window that reaches past --sink-window is refused at startup, before
+    any engine is built (so this test leaves the process's vLLM state untouched;
+    Gemma 3 270m: 512 needs --sink-window >= 512)."""
+    path = getattr(tiny_models, family.build)(tmp_path / "sw48", sliding_window=48)
     with pytest.raises(PolicyConfigError, match=r"--sink-window >= 64"):
         make_llm(path, sink_window=32)
 
 
 @pytest.fixture(scope="module")
-def llm(tiny_gptoss):
-    engine = make_llm(tiny_gptoss)
+def llm(model_dir):
+    engine = make_llm(model_dir)
     yield engine
     del engine
 
 
 @pytest.fixture(scope="module")
-def stock(tiny_gptoss, llm):
+def stock(model_dir, llm):
     """Policy off, built after the policy engine in the same process (module-scoped:
     see the module docstring)."""
-    engine = make_llm(tiny_gptoss, policy=False)
+    engine = make_llm(model_dir, policy=False)
     yield engine
     del engine
 
 
 @pytest.fixture(scope="module")
-def oracle(tiny_gptoss):
-    return OracleGptOss(tiny_gptoss, sink_tokens=S, window_tokens=W, block_size=BS)
+def oracle(family, model_dir):
+    return family.oracle(model_dir, sink_tokens=S, window_tokens=W, block_size=BS)
 
 
 def _groups(llm):
@@ -88,6 +124,13 @@ def _groups(llm):
     return kinds
 
 
+def _attention_layers(llm):
+    from vllm.model_executor.layers.attention import Attention
+
+    ctx = llm.llm_engine.vllm_config.compilation_config.static_forward_context
+    return {name: m for name, m in ctx.items() if isinstance(m, Attention)}
+
+
 # Most blocks one request may hold per group, with a prefill chunk of CHUNK tokens in
 # flight. sink+window: sinks + window + current block + the chunk's blocks. sliding:
 # vLLM keeps tokens [n - sw + 1, n + chunk) of a request with n tokens computed.
@@ -96,7 +139,8 @@ BOUND = {"sink+window": POLICY.max_live_blocks(CHUNK),
 
 
 def test_engine_groups_use_the_policy_block_size(llm):
-    """(a) Both KV group kinds exist, each with the policy's block size."""
+    """Both KV group kinds exist, each with the policy's block size; the full layer is
+    the sink+window one."""
     groups = _groups(llm)
     assert sorted({k for k, _ in groups}) == ["sink+window", "sliding"]
     assert all(m.kv_cache_spec.block_size == BS for _, m in groups)
@@ -104,17 +148,39 @@ def test_engine_groups_use_the_policy_block_size(llm):
     assert all(m.kv_cache_spec.sliding_window == W and m.kv_cache_spec.sink_tokens == S for m in sw)
 
 
-def test_teacher_forced_prompt_logprobs_match_oracle(llm, oracle, tiny_gptoss):
+def test_each_layer_rotates_with_its_own_rope(family, llm, oracle):
+    """The per-block query rotation of each layer uses its own rotary module's frequencies
+    (read off that module's table as a pure rotation): GPT-OSS's one YaRN table, without
+    its magnitude; Gemma 3's two (base 1e4 for sliding layers, 1e6 for the global one)."""
+    layers = _attention_layers(llm)
+    assert len(layers) == 3
+    seen, tables = set(), []
+    for name, layer in sorted(layers.items()):
+        kind = oracle.layer_types[int(name.split("layers.")[1].split(".")[0])]
+        rope = layer.impl.rope
+        assert rope is not None and rope.rotary_dim == 32 and rope.is_neox_style
+        want = family.layer_inv_freq(oracle, kind)
+        torch.testing.assert_close(rope.inv_freq.double().cpu(), want, rtol=1e-5, atol=1e-9)
+        seen.add(kind)
+        if not any(t is want for t in tables):
+            tables.append(want)
+    assert seen == {"sliding_attention", "full_attention"}
+    assert len(tables) == family.rope_tables
+    if family.rope_tables == 2:
+        assert (tables[0] - tables[1]).abs().max() > 1e-2  # really two different tables
+
+
+def test_teacher_forced_prompt_logprobs_match_oracle(family, llm, oracle, model_dir):
     # 16x the context in chunks of 200 tokens (one chunk crosses the switch at 192)
     ids = random_ids(16 * CONTEXT, seed=1)
     got = prompt_logprobs(llm, ids)
     want = oracle.token_logprobs(ids)
     diff = (got - want).abs()
-    print(f"\nteacher-forced {len(ids)} tokens: max |engine - oracle| = {diff.max():.3g} "
+    print(f"\n{family.name}, teacher-forced {len(ids)} tokens: max |engine - oracle| = {diff.max():.3g} "
           f"(dense part {diff[:POLICY.dense_tokens - 1].max():.3g})")
     assert diff.max().item() < TOL, f"max |engine - oracle| = {diff.max():.3g} at token {diff.argmax() + 1}"
     # The streaming regime really differs from the dense model (not a vacuous match).
-    dense = OracleGptOss(tiny_gptoss)
+    dense = family.oracle(model_dir)
     tail = slice(POLICY.dense_tokens, CONTEXT - 1)
     assert (dense.token_logprobs(ids[:CONTEXT])[tail] - want[tail]).abs().max() > 1e-2
 
@@ -123,14 +189,14 @@ def _run_stepwise(llm, requests, abort_at=None, logprobs=False):
     return run_stepwise_by_group(llm, requests, _groups(llm), abort_at, logprobs)
 
 
-def test_batched_decode_matches_oracle_with_bounded_blocks(llm, oracle):
+def test_batched_decode_matches_oracle_with_bounded_blocks(family, llm, oracle):
     """3 concurrent requests, 16x the context each: greedy tokens and their logprobs
     match the oracle; both group kinds stay bounded every step; all blocks return."""
     start = free_blocks(llm)
     n_new = 16 * CONTEXT
     prompts = {f"r{n}": random_ids(n, seed=10 + n) for n in (37, 300, 700)}
     peak, final = _run_stepwise(llm, {r: (p, n_new) for r, p in prompts.items()}, logprobs=True)
-    print(f"\npeak blocks per request: {peak} (bounds {BOUND}; no recycling: "
+    print(f"\n{family.name}, peak blocks per request: {peak} (bounds {BOUND}; no recycling: "
           f"{math.ceil((700 + n_new) / BS)})")
     for kind in BOUND:
         assert peak[kind] <= BOUND[kind], (kind, peak, BOUND)
@@ -174,31 +240,28 @@ def test_multi_turn_session_hits_through_the_hybrid_coordinator(llm, oracle):
 
 # ---- policy off: stock vLLM, and the policy's dense regime equals it -----------
 
-def test_policy_off_is_stock_vllm(tiny_gptoss, llm, stock):
+def test_policy_off_is_stock_vllm(family, model_dir, llm, stock):
     """With the policy off the plugin is out of the path (vLLM's own CPU attention,
-    rotary and KV managers), and that stock engine computes the dense GPT-OSS."""
+    rotary and KV managers), and that stock engine computes the dense model."""
     from vllm.v1.attention.backends.registry import AttentionBackendEnum
 
     config = stock.llm_engine.vllm_config
     assert "streaming_sink" not in (config.additional_config or {})
     assert config.attention_config.backend != AttentionBackendEnum.CUSTOM
-    from vllm.model_executor.layers.attention import Attention
-
-    layers = [m for m in config.compilation_config.static_forward_context.values() if isinstance(m, Attention)]
-    assert len(layers) == 3
-    assert layers and all(type(layer.impl).__module__.startswith("vllm.") for layer in layers)
+    layers = _attention_layers(stock)
+    assert len(layers) == 3 and all(type(layer.impl).__module__.startswith("vllm.") for layer in layers.values())
     assert [type(m).__name__ for m in kv_manager(stock).coordinator.single_type_managers].count(
         "StreamingSinkManager") == 0
     ids = random_ids(CONTEXT - 1, seed=5)
-    want = OracleGptOss(tiny_gptoss).token_logprobs(ids)
+    want = family.oracle(model_dir).token_logprobs(ids)
     diff = (prompt_logprobs(stock, ids) - want).abs().max().item()
-    print(f"\nstock vLLM vs dense oracle, {len(ids)} tokens: max diff {diff:.3g}")
+    print(f"\n{family.name}, stock vLLM vs dense oracle, {len(ids)} tokens: max diff {diff:.3g}")
     assert diff < TOL
     # past the policy's dense regime the policy engine computes something else
     assert (prompt_logprobs(llm, ids) - want)[POLICY.dense_tokens:].abs().max().item() > 1e-2
 
 
-def test_below_the_window_equals_policy_off(llm, stock):
+def test_below_the_window_equals_policy_off(family, llm, stock):
     prompts = [random_ids(n, seed=20 + n) for n in (5, 64, 120)]
     params = SamplingParams(max_tokens=POLICY.dense_tokens - 121, temperature=0, ignore_eos=True, logprobs=0)
     ours = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
@@ -209,18 +272,20 @@ def test_below_the_window_equals_policy_off(llm, stock):
         la = [d[t].logprob for d, t in zip(a.outputs[0].logprobs, a.outputs[0].token_ids)]
         lb = [d[t].logprob for d, t in zip(b.outputs[0].logprobs, b.outputs[0].token_ids)]
         worst = max(worst, max(abs(x - y) for x, y in zip(la, lb)))
-    print(f"\npolicy engine vs stock vLLM below the window: max logprob diff {worst:.3g}")
+    print(f"\n{family.name}, policy engine vs stock vLLM below the window: max logprob diff {worst:.3g}")
     assert worst < TOL
 
 
+# ---- no engine ----------------------------------------------------------------
+
 def test_rotary_frequencies_are_pure_yarn_rotations():
-    """The per-block query rotation reads vLLM's YaRN table as a pure rotation:
+    """The per-block query rotation reads vLLM's YaRN table (GPT-OSS) as a pure rotation:
     the YaRN frequencies (as HF/the oracle compute them), without the magnitude."""
     from oracle_gptoss import yarn_attention_factor, yarn_inv_freq
     from vllm.config import VllmConfig, set_current_vllm_config
     from vllm.model_executor.layers.rotary_embedding import get_rope
 
-    from vllm_sink.rope_remap import rotary_params
+    from streaming_sink.rotary_walk import rotary_params
 
     with set_current_vllm_config(VllmConfig()):  # a CustomOp: needs a config even outside an engine
         rope = get_rope(32, max_position=CONTEXT, dtype=torch.float32, is_neox_style=True, rope_parameters={
