@@ -212,9 +212,3 @@ def _where(cond, a, b):
     return torch.where(cond, a, torch.as_tensor(b, device=cond.device, dtype=a.dtype)
                        if not isinstance(b, torch.Tensor) else b)
 
-
-# The flags' rules live in flags.py; these names stay importable from here for the
-# adapters that import them from the policy module.
-from .flags import DEFAULT_SINK_TOKENS, KV_POLICIES, check_flags  # noqa: E402
-
-__all__ = ["DEFAULT_SINK_TOKENS", "KV_POLICIES", "PolicyConfigError", "SinkPolicy", "check_flags"]

@@ -41,8 +41,9 @@ import logging
 
 from streaming_sink import flags as sink_flags
 from streaming_sink import versions
+from streaming_sink.flags import check_flags
 from streaming_sink.hf_config import check_model_config, layer_window, rotary_table_len
-from streaming_sink.policy import PolicyConfigError, SinkPolicy, check_flags
+from streaming_sink.policy import PolicyConfigError, SinkPolicy
 
 from . import config as sink_config
 
