@@ -154,6 +154,7 @@ def test_abort_mid_stream_returns_every_block(llm):
     # --attention-backend names the inner backend (the dense rows' kernel): one that is
     # not a paged decoder backend the policy can wrap is refused
     (dict(attention_backend="FLEX_ATTENTION"), "--attention-backend FLEX_ATTENTION"),
+    (dict(attention_config={"backend_per_kind": {"sliding_window": "CPU_ATTN"}}), "backend_per_kind"),
     (dict(compilation_config={"cudagraph_mode": "FULL_AND_PIECEWISE"}), "cudagraph_mode FULL_AND_PIECEWISE"),
 ])
 def test_bad_config_refused_at_startup(tiny_llama, kwargs, flag):

@@ -179,6 +179,23 @@ class SinkMetadataBuilder:
     """Mixed in front of the inner builder: splits each step, builds the inner
     metadata for the dense subset, fills persistent buffers for the streaming rows."""
 
+    # The metadata is ours (SinkMetadata), not the inner builder's: vLLM must neither
+    # patch another KV group's block table into a copy of it (FLASH_ATTN's
+    # update_block_table) nor capture the inner kernel alone in a full CUDA graph
+    # (its capture batch is all dense; a replay would run it on streaming rows too).
+    # NEVER makes vLLM fall back to piecewise graphs around attention by itself.
+    supports_update_block_table: bool = False
+
+    @classmethod
+    def get_cudagraph_support(cls, vllm_config, kv_cache_spec):
+        from vllm.v1.attention.backend import AttentionCGSupport
+
+        return AttentionCGSupport.NEVER
+
+    @classmethod
+    def get_varlen_cudagraph_max_query_len(cls, vllm_config, kv_cache_spec):
+        return None
+
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device) -> None:
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         self.policy: SinkPolicy = policy_of(vllm_config)
@@ -187,7 +204,9 @@ class SinkMetadataBuilder:
         check_block_size(kv_cache_spec.block_size, self.policy)
         self.layout = kv_layouts.for_backend(type(self).__mro__)
         self.layout.prepare_builder(self, layer_names)
-        n = vllm_config.scheduler_config.max_num_seqs
+        # a step never has more sequences than either bound (padded batches included)
+        sched = vllm_config.scheduler_config
+        n = max(sched.max_num_seqs, sched.max_num_batched_tokens)
         self._mask = torch.zeros(n, dtype=torch.int32, device=device)
         self._ids = torch.zeros(n, dtype=torch.int64, device=device)
 
@@ -232,12 +251,21 @@ class SinkMetadataBuilder:
             seq_lens=m.seq_lens[dev_ids], num_reqs=len(ids), num_actual_tokens=len(rows),
             max_query_len=int(sub_qsl.diff().max()), max_seq_len=int(_host_seq_lens(m)[ids].max()),
             block_table_tensor=m.block_table_tensor[dev_ids], slot_mapping=m.slot_mapping[dev_rows],
-            positions=None, is_prefilling=None if m.is_prefilling is None else m.is_prefilling[dev_ids],
+            positions=None, is_prefilling=_take(m.is_prefilling, ids),
             seq_lens_cpu_upper_bound=None if upper is None else upper[ids],
             req_idx=None if m.req_idx is None else m.req_idx[ids.numpy()],
+            rswa_prefix_lens=_take(m.rswa_prefix_lens, ids),
+            mm_req_doc_ranges=None if m.mm_req_doc_ranges is None else {
+                new: m.mm_req_doc_ranges[int(old)] for new, old in enumerate(ids)
+                if int(old) in m.mm_req_doc_ranges},
             logits_indices_padded=None, num_logits_indices=None,
             _num_computed_tokens_cache=None, _token_to_req_indices_cache=None)
         return super().build(common_prefix_len, sub, fast_build), dev_rows
+
+
+def _take(t: torch.Tensor | None, ids: torch.Tensor) -> torch.Tensor | None:
+    """``t[ids]`` with the index on ``t``'s own device (vLLM keeps some fields on the host)."""
+    return None if t is None else t[ids.to(t.device)]
 
 
 def _host_seq_lens(m: CommonAttentionMetadata) -> torch.Tensor | None:
@@ -285,6 +313,9 @@ class SinkImpl:
         # Filled by rope_remap.install() once the model is built: the layer's
         # rotary frequencies, needed for the per-block query rotation.
         self.rope: RotaryParams | None = None
+
+    def fused_output_quant_supported(self, quant_key) -> bool:
+        return False  # streaming rows write plain outputs: never fuse a quantization in
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output,
                 output_scale=None, output_block_scale=None) -> torch.Tensor:

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib
 import logging
 
 from streaming_sink import flags as sink_flags
@@ -153,7 +154,7 @@ def _create_streaming_config(args, original_create, opts, *a, **kw):
     check_version()
     from vllm.v1.attention.backends.registry import AttentionBackendEnum
 
-    inner = _inner_backend_choice(args.attention_backend)
+    inner = _inner_backend_choice(args.attention_backend, args.attention_config)
     unsupported = [name for name, on in (
         ("speculative decoding (--speculative-config)", args.speculative_config),
         ("a quantized KV cache (--kv-cache-dtype)", args.kv_cache_dtype not in (None, "auto")),
@@ -280,8 +281,19 @@ def _allow_long_max_model_len():
 INNER_BACKENDS = ("CPU_ATTN", "FLASH_ATTN", "FLASHINFER", "TRITON_ATTN")
 
 
-def _inner_backend_choice(selected) -> str | None:
-    """An explicit ``--attention-backend`` becomes the inner backend (None: vLLM picks)."""
+def _inner_backend_choice(selected, attention_config) -> str | None:
+    """An explicit ``--attention-backend`` (or ``--attention-config``'s backend) becomes
+    the inner backend (None: vLLM picks). Per-kind backends would bypass the policy."""
+    config_backend = getattr(attention_config, "backend", None)
+    if getattr(attention_config, "backend_per_kind", None):
+        raise PolicyConfigError(
+            "--kv-policy streaming-sink runs every attention layer through its own backend; "
+            "--attention-config backend_per_kind is not supported with it: drop it")
+    if config_backend is not None:
+        if selected is not None:
+            return _inner_backend_choice(selected, None)  # vLLM refuses both: let it say so
+        attention_config.backend = None  # taken over as the inner backend (CUSTOM wraps it)
+        selected = config_backend
     if selected is None:
         return None
     name = getattr(selected, "name", str(selected)).upper()
@@ -346,12 +358,12 @@ def _install_model_hook() -> None:
     from vllm.v1.worker import gpu_model_runner
 
     runners = [gpu_model_runner.GPUModelRunner]
-    try:
-        from vllm.v1.worker import cpu_model_runner
-
-        runners.append(cpu_model_runner.CPUModelRunner)
-    except ImportError:  # CUDA installs
-        pass
+    for module, name in (("vllm.v1.worker.cpu_model_runner", "CPUModelRunner"),  # CPU builds
+                         ("vllm.v1.worker.gpu.model_runner", "GPUModelRunner")):  # V2 runner (CUDA default)
+        try:
+            runners.append(getattr(importlib.import_module(module), name))
+        except (ImportError, AttributeError):
+            pass
     for runner in runners:
         if "load_model" in vars(runner):
             runner.load_model = _after_load(vars(runner)["load_model"])
@@ -449,7 +461,9 @@ def hook_targets(platform: str = "cuda") -> list[tuple[str, str, tuple[str, ...]
             "num_actual_tokens", "max_query_len", "query_start_loc", "seq_lens", "block_table_tensor",
             "slot_mapping", "query_start_loc_cpu", "num_reqs", "max_seq_len", "positions", "is_prefilling",
             "seq_lens_cpu_upper_bound", "req_idx", "logits_indices_padded", "num_logits_indices",
-            "_num_computed_tokens_cache", "_token_to_req_indices_cache")),
+            "_num_computed_tokens_cache", "_token_to_req_indices_cache", "rswa_prefix_lens",
+            "mm_req_doc_ranges")),
+        ("attr", "vllm.config:SchedulerConfig.max_num_batched_tokens", None),
         # 3: CUSTOM -> backend.wrap(the platform's own pick), on every platform
         ("override", "vllm.platforms.interface:Platform.get_attn_backend_cls",
          ("selected_backend", "attn_selector_config", "num_heads")),
@@ -494,6 +508,17 @@ def hook_targets(platform: str = "cuda") -> list[tuple[str, str, tuple[str, ...]
         ("call", "vllm.utils.math_utils:cdiv", ("a", "b")),
         # 5: after the model is built (rope_remap.py)
         ("own", "vllm.v1.worker.gpu_model_runner:GPUModelRunner.load_model", ()),
+        ("own", "vllm.v1.worker.gpu.model_runner:GPUModelRunner.load_model", ()),
+        ("call", "vllm.v1.worker.gpu.model_runner:GPUModelRunner.get_model", ()),
+        ("attr", f"{ea}.attention_config", None),
+        ("attr", "vllm.config:AttentionConfig.backend", None),
+        ("attr", "vllm.config:AttentionConfig.backend_per_kind", None),
+        ("override", f"{be}:AttentionMetadataBuilder.get_cudagraph_support", ("vllm_config", "kv_cache_spec")),
+        ("override", f"{be}:AttentionMetadataBuilder.get_varlen_cudagraph_max_query_len",
+         ("vllm_config", "kv_cache_spec")),
+        ("attr", f"{be}:AttentionMetadataBuilder.supports_update_block_table", None),
+        ("attr", f"{be}:AttentionCGSupport.NEVER", None),
+        ("override", f"{be}:AttentionImpl.fused_output_quant_supported", ("quant_key",)),
         ("call", "vllm.v1.worker.gpu_model_runner:GPUModelRunner.get_model", ()),
         ("attr", "vllm.v1.worker.gpu_model_runner:GPUModelRunner.vllm_config", None),
         ("attr", "vllm.model_executor.layers.attention:Attention", None),
