@@ -104,22 +104,6 @@ class Spec:
     seed: int = 0
 
 
-def attended_keys(policy, bs: int, seq_len: int, q_len: int, sliding_window) -> torch.Tensor:
-    """Bool [seq_len]: keys some query of this step attends (the contract)."""
-    mask = torch.zeros(seq_len, dtype=torch.bool)
-    first = seq_len - q_len
-    for j in range(first // bs, (seq_len - 1) // bs + 1) if q_len else ():
-        t_min, t_max = max(first, j * bs), min(seq_len, (j + 1) * bs) - 1
-        streaming = policy is not None and policy.is_streaming(j)
-        lo = policy.window_start(j) if streaming else 0
-        if sliding_window is not None:
-            lo = max(lo, t_min - sliding_window + 1)
-        elif streaming:
-            mask[: policy.sink_tokens] = True
-        mask[max(lo, 0): t_max + 1] = True
-    return mask
-
-
 class Built:
     """A paged cache left the way a live engine leaves it, plus q and metadata.
 
@@ -136,6 +120,7 @@ class Built:
 
     def __init__(self, spec: Spec, device: str):
         from streaming_sink.policy import SinkPolicy
+        from streaming_sink.reference_attention import attended_keys
         from streaming_sink.rope import RotaryParams
 
         s = spec

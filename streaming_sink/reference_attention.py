@@ -186,3 +186,21 @@ def _group_batch(q, t, j, k_cache, v_cache, tables, scale, policy, rope, sinks, 
     v = torch.where(mask.any(1)[:, :, None, None], v.flatten(1, 2), 0.0)  # [G, nb*bs, Hkv, D]
     o = torch.einsum("bqhgn,bnhd->bqhgd", p.view(G, Q, hkv, hq // hkv, -1), v)
     return o.reshape(G, Q, hq, d)
+
+
+def attended_keys(policy: SinkPolicy | None, bs: int, seq_len: int, q_len: int,
+                  sliding_window: int | None) -> torch.Tensor:
+    """Bool [seq_len]: the keys some query of a step attends (the last ``q_len`` of
+    ``seq_len`` tokens), by the contract: what a kernel may read, all else it must not."""
+    mask = torch.zeros(seq_len, dtype=torch.bool)
+    first = seq_len - q_len
+    for j in range(first // bs, (seq_len - 1) // bs + 1) if q_len else ():
+        t_min, t_max = max(first, j * bs), min(seq_len, (j + 1) * bs) - 1
+        streaming = policy is not None and policy.is_streaming(j)
+        lo = policy.window_start(j) if streaming else 0
+        if sliding_window is not None:
+            lo = max(lo, t_min - sliding_window + 1)
+        elif streaming:
+            mask[: policy.sink_tokens] = True
+        mask[max(lo, 0): t_max + 1] = True
+    return mask

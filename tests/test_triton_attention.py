@@ -28,7 +28,7 @@ pytest.importorskip("triton")
 
 from streaming_sink import triton_attention as ta  # noqa: E402
 from streaming_sink.policy import SinkPolicy  # noqa: E402
-from streaming_sink.reference_attention import paged_attention_ref  # noqa: E402
+from streaming_sink.reference_attention import attended_keys, paged_attention_ref  # noqa: E402
 from streaming_sink.rope import RotaryParams  # noqa: E402
 
 CUDA = torch.cuda.is_available()
@@ -59,23 +59,6 @@ def run():
 # ----------------------------------------------------------------------------
 # Building a paged cache the way an engine leaves it
 # ----------------------------------------------------------------------------
-def attended_keys(policy: SinkPolicy | None, bs: int, seq_len: int, q_len: int,
-                  sliding_window: int | None) -> torch.Tensor:
-    """Bool [seq_len]: keys some query of this step attends (the contract)."""
-    mask = torch.zeros(seq_len, dtype=torch.bool)
-    first = seq_len - q_len
-    for j in range(first // bs, (seq_len - 1) // bs + 1) if q_len else ():
-        t_min, t_max = max(first, j * bs), min(seq_len, (j + 1) * bs) - 1
-        streaming = policy is not None and policy.is_streaming(j)
-        lo = policy.window_start(j) if streaming else 0
-        if sliding_window is not None:
-            lo = max(lo, t_min - sliding_window + 1)
-        elif streaming:
-            mask[: policy.sink_tokens] = True
-        mask[max(lo, 0): t_max + 1] = True
-    return mask
-
-
 def vllm_kv_views(num_blocks, bs, hkv, d, dtype, hnd=False):
     """K/V views exactly as vLLM 0.33 backends build them: one per-layer tensor of
     logical shape [B, H, N, 2D] (physical NHD = LBNHC default, or HND), then
