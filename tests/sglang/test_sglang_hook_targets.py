@@ -53,3 +53,17 @@ def test_the_check_sees_a_rename_and_a_changed_signature():
                               ()) is None
     assert "our hooked expects ('kv',)" in check.check_target(
         "hooked", "sglang.srt.mem_cache.base_prefix_cache:BasePrefixCache.free_kv_row", ("kv",))
+
+
+def test_every_hook_names_a_function_of_ours():
+    """``TARGETS`` names our hooks as "module:function", imported on their first call:
+    each must exist, and each touch point 1-9 but 8 (a registry, not a hook) has one."""
+    import importlib
+
+    points = set()
+    for target, (point, kind, ref) in TARGETS.items():
+        module, _, name = ref.partition(":")
+        assert callable(getattr(importlib.import_module(f"sglang_sink.{module}"), name, None)), (target, ref)
+        assert kind in ("AROUND", "AFTER"), target
+        points.add(point)
+    assert points == {1, 2, 3, 4, 5, 6, 7, 9}
