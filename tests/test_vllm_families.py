@@ -37,6 +37,7 @@ from oracle_gemma3 import OracleGemma3
 from oracle_gptoss import OracleGptOss
 from vllm_helpers import BS, S, W, SamplingParams, check_greedy, free_blocks, greedy, kv_manager, make_llm, \
     output_logprobs, prompt_logprobs, random_ids, run_stepwise_by_group
+from vllm_helpers import llm, stock  # noqa: F401 (the engines of `model`, module-scoped fixtures)
 
 from streaming_sink.policy import PolicyConfigError, SinkPolicy
 
@@ -72,7 +73,7 @@ def family(request) -> Family:
 
 
 @pytest.fixture(scope="module")
-def model_dir(family, tmp_path_factory) -> str:
+def model(family, tmp_path_factory) -> str:
     return getattr(tiny_models, family.build)(tmp_path_factory.mktemp(f"tiny-{family.name}"))
 
 
@@ -86,24 +87,8 @@ def test_layer_window_longer_than_policy_window_refused(family, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def llm(model_dir):
-    engine = make_llm(model_dir)
-    yield engine
-    del engine
-
-
-@pytest.fixture(scope="module")
-def stock(model_dir, llm):
-    """Policy off, built after the policy engine in the same process (module-scoped:
-    see the module docstring)."""
-    engine = make_llm(model_dir, policy=False)
-    yield engine
-    del engine
-
-
-@pytest.fixture(scope="module")
-def oracle(family, model_dir):
-    return family.oracle(model_dir, sink_tokens=S, window_tokens=W, block_size=BS)
+def oracle(family, model):
+    return family.oracle(model, sink_tokens=S, window_tokens=W, block_size=BS)
 
 
 def _groups(llm):
@@ -170,7 +155,7 @@ def test_each_layer_rotates_with_its_own_rope(family, llm, oracle):
         assert (tables[0] - tables[1]).abs().max() > 1e-2  # really two different tables
 
 
-def test_teacher_forced_prompt_logprobs_match_oracle(family, llm, oracle, model_dir):
+def test_teacher_forced_prompt_logprobs_match_oracle(family, llm, oracle, model):
     # 16x the context in chunks of 200 tokens (one chunk crosses the switch at 192)
     ids = random_ids(16 * CONTEXT, seed=1)
     got = prompt_logprobs(llm, ids)
@@ -180,7 +165,7 @@ def test_teacher_forced_prompt_logprobs_match_oracle(family, llm, oracle, model_
           f"(dense part {diff[:POLICY.dense_tokens - 1].max():.3g})")
     assert diff.max().item() < TOL, f"max |engine - oracle| = {diff.max():.3g} at token {diff.argmax() + 1}"
     # The streaming regime really differs from the dense model (not a vacuous match).
-    dense = family.oracle(model_dir)
+    dense = family.oracle(model)
     tail = slice(POLICY.dense_tokens, CONTEXT - 1)
     assert (dense.token_logprobs(ids[:CONTEXT])[tail] - want[tail]).abs().max() > 1e-2
 
@@ -240,7 +225,7 @@ def test_multi_turn_session_hits_through_the_hybrid_coordinator(llm, oracle):
 
 # ---- policy off: stock vLLM, and the policy's dense regime equals it -----------
 
-def test_policy_off_is_stock_vllm(family, model_dir, llm, stock):
+def test_policy_off_is_stock_vllm(family, model, llm, stock):
     """With the policy off the plugin is out of the path (vLLM's own CPU attention,
     rotary and KV managers), and that stock engine computes the dense model."""
     from vllm.v1.attention.backends.registry import AttentionBackendEnum
@@ -253,7 +238,7 @@ def test_policy_off_is_stock_vllm(family, model_dir, llm, stock):
     assert [type(m).__name__ for m in kv_manager(stock).coordinator.single_type_managers].count(
         "StreamingSinkManager") == 0
     ids = random_ids(CONTEXT - 1, seed=5)
-    want = family.oracle(model_dir).token_logprobs(ids)
+    want = family.oracle(model).token_logprobs(ids)
     diff = (prompt_logprobs(stock, ids) - want).abs().max().item()
     print(f"\n{family.name}, stock vLLM vs dense oracle, {len(ids)} tokens: max diff {diff:.3g}")
     assert diff < TOL

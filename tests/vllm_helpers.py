@@ -11,6 +11,7 @@ import os
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
+import pytest  # noqa: E402
 import torch  # noqa: E402
 
 import vllm_sink  # noqa: E402,F401  (registers LLM(kv_policy=...) keywords)
@@ -25,6 +26,27 @@ def make_llm(model: str, policy: bool = True, **kwargs) -> LLM:
         args.update(kv_policy="streaming-sink", sink_tokens=S, sink_window=W, max_model_len=8192)
     args.update(kwargs)
     return LLM(**args)
+
+
+# The engines of a test module, for the model its own ``model`` fixture names (a folder).
+# Module-scoped on purpose: deleting an in-process vLLM engine tears down the process-wide
+# distributed state (EngineCore.shutdown), which would break another engine still in use;
+# with a parametrized ``model``, pytest runs one model's tests, then the next one's.
+
+@pytest.fixture(scope="module")
+def llm(model):
+    """The policy engine (``make_llm`` defaults)."""
+    engine = make_llm(model)
+    yield engine
+    del engine
+
+
+@pytest.fixture(scope="module")
+def stock(model, llm):
+    """A policy-off engine in the same process, built after the policy engine."""
+    engine = make_llm(model, policy=False)
+    yield engine
+    del engine
 
 
 def random_ids(n: int, seed: int, vocab: int = 384) -> list[int]:
