@@ -126,21 +126,10 @@ def paged_attention_cpu(
     return out
 
 
-def query_rows(query_start_loc: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The query rows of sequences ``ids`` in a varlen batch, and the ``query_start_loc``
-    of those sequences alone (how an adapter hands a subset of a step to another kernel)."""
-    qsl = query_start_loc.tolist()
-    ids = ids.tolist()
-    rows = [torch.arange(qsl[i], qsl[i + 1]) for i in ids]
-    rows = torch.cat(rows) if rows else torch.zeros(0, dtype=torch.long)
-    sub = torch.zeros(len(ids) + 1, dtype=torch.long)
-    sub[1:] = torch.tensor([qsl[i + 1] - qsl[i] for i in ids], dtype=torch.long).cumsum(0)
-    return rows, sub
-
-
 def _reference(q, k_cache, v_cache, block_table, query_start_loc, seq_lens, scale, policy, rope, sinks,
                sliding_window, out, seq_ids, table_rows):
     from .reference_attention import paged_attention_ref  # noqa: PLC0415 (only on the fallback)
+    from .step_split import query_rows  # noqa: PLC0415
 
     if table_rows is not None:
         block_table = block_table[table_rows.long()]

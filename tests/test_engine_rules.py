@@ -227,15 +227,15 @@ def test_split_step_matches_the_per_sequence_rule(seqs, cfg):
     assert split.dense_query_start_loc.diff().tolist() == [int(q_lens[i]) for i in ids]
 
 
-def test_split_step_trusts_a_host_bound_and_matches_the_cpu_kernels_rows():
+def test_split_step_trusts_a_host_bound_and_query_rows_of_a_subset():
     policy = SinkPolicy(4, 32, 16)
     seq_lens = torch.tensor([10, 70, 30])
     assert split_step(policy, seq_lens, torch.tensor([0, 1, 2, 3]), max_seq_len=64).all_dense
-    from streaming_sink.cpu_attention import query_rows as cpu_query_rows
-
-    qsl, ids = torch.tensor([0, 3, 3, 9, 10]), torch.tensor([0, 2, 3])
-    for a, b in zip(query_rows(qsl, ids), cpu_query_rows(qsl, ids)):
-        assert a.tolist() == b.tolist()
+    qsl, ids = torch.tensor([0, 3, 3, 9, 10]), torch.tensor([0, 2, 3])  # sequence 1 has no query
+    rows, sub = query_rows(qsl, ids)
+    assert rows.tolist() == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9] and sub.tolist() == [0, 3, 9, 10]
+    rows, sub = query_rows(qsl, torch.tensor([2]))
+    assert rows.tolist() == [3, 4, 5, 6, 7, 8] and sub.tolist() == [0, 6]
 
 
 # ---- metric names ----------------------------------------------------------------

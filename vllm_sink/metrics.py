@@ -32,13 +32,14 @@ import threading
 
 from prometheus_client import REGISTRY
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+
+from streaming_sink.metric_names import metric_help, metric_name
 from vllm.v1.metrics.loggers import StatLoggerBase
 
 from . import config as sink_config
 from .hooks import STATS_FIELD
 
 logger = logging.getLogger("vllm.streaming_sink")
-PREFIX = "vllm:streaming_sink_"
 LABELS = ["model_name", "engine"]
 
 
@@ -84,31 +85,15 @@ class _Collector:
     def collect(self):
         with self.lock:
             engines = list(self.engines.values())
-            gauges = {
-                "requests_past_window": GaugeMetricFamily(
-                    PREFIX + "requests_past_window",
-                    "Requests whose sliding window has moved past the sink tokens "
-                    "(their KV blocks are being recycled).", labels=LABELS),
-                "sink_blocks": GaugeMetricFamily(
-                    PREFIX + "sink_blocks_pinned",
-                    "KV blocks pinned as attention sinks by the requests holding blocks.",
-                    labels=LABELS),
-                "live_blocks": GaugeMetricFamily(
-                    PREFIX + "live_blocks",
-                    "KV blocks held by requests under the streaming-sink policy.", labels=LABELS),
-                "max_live_blocks": GaugeMetricFamily(
-                    PREFIX + "max_live_blocks",
-                    "The policy's bound on the KV blocks one decoding request holds "
-                    "(sinks + window + the current block).", labels=LABELS),
-            }
-            recycled = CounterMetricFamily(
-                PREFIX + "recycled_blocks",
-                "KV blocks the sliding window left behind, returned to vLLM's free pool.",
-                labels=LABELS)
-            hist = HistogramMetricFamily(
-                PREFIX + "request_live_blocks",
-                "Peak KV blocks a request held under the policy, observed when it released "
-                "them (finished, aborted or preempted).", labels=LABELS)
+            # names and help from the core (one meaning per quantity, vLLM's unit: blocks)
+            def family(cls, key):
+                return cls(metric_name("vllm", key), metric_help("vllm", key), labels=LABELS)
+
+            gauges = {ours: family(GaugeMetricFamily, key) for ours, key in (
+                ("requests_past_window", "requests_past_window"), ("sink_blocks", "sinks_pinned"),
+                ("live_blocks", "live"), ("max_live_blocks", "max_live"))}
+            recycled = family(CounterMetricFamily, "recycled")
+            hist = family(HistogramMetricFamily, "request_peak")
             for e in engines:
                 for key, family in gauges.items():
                     family.add_metric(e.labels, e.gauges[key])
