@@ -101,7 +101,9 @@ def test_metrics_follow_the_policy(server):
     assert {f"{float(S + W)}", f"{float(S + W + 1)}", f"{float(S + W + CHUNK)}"} <= buckets
 
     # A: a long stream, started first; B: a shorter one streamed beside it.
-    a_ids, a_new = random_ids(20, seed=31), 5 * CONTEXT
+    # Once B starts, A has ~800 more steps to go than B: the overlap survives a slow start of B
+    # under load (with 5 * CONTEXT it was lost once, at load average ~5).
+    a_ids, a_new = random_ids(20, seed=31), 10 * CONTEXT
     b_ids, b_new = random_ids(30, seed=32), 3 * CONTEXT
     result = {}
     thread = threading.Thread(target=lambda: result.update(a=generate(base, a_ids, a_new).json()))
