@@ -26,7 +26,6 @@ from .hooks import RADIX_BACKEND, check_hooks_applied, check_version
 logger = logging.getLogger("sglang.streaming_sink")
 
 
-
 def add_cli_args(original, parser, *args, **kwargs):
     """AROUND ``ServerArgs.add_cli_args(parser)``."""
     result = original(parser, *args, **kwargs)
