@@ -13,6 +13,7 @@ import torch
 from oracle import OracleLlama
 from vllm_helpers import BS, S, W, SamplingParams, free_blocks, live_blocks, make_llm, \
     prompt_logprobs, random_ids
+from vllm_helpers import llm, stock  # noqa: F401 (the engines of `model`, module-scoped fixtures)
 
 from streaming_sink.policy import PolicyConfigError, SinkPolicy
 
@@ -26,23 +27,6 @@ def model(request) -> str:
     """Every engine test runs on Llama and on Qwen3 (q/k RMSNorm before RoPE: the
     norm must come before the rotation at pos(t), in vLLM's model and the oracle's)."""
     return request.getfixturevalue(f"tiny_{request.param}")
-
-
-@pytest.fixture(scope="module")
-def llm(model):
-    engine = make_llm(model)
-    yield engine
-    del engine
-
-
-@pytest.fixture(scope="module")
-def stock(model, llm):
-    """A policy-off engine in the same process, built after the policy engine.
-    Module-scoped on purpose: deleting an in-process vLLM engine tears down the
-    process-wide distributed state (EngineCore.shutdown), which would break `llm`."""
-    engine = make_llm(model, policy=False)
-    yield engine
-    del engine
 
 
 @pytest.fixture(scope="module")
