@@ -29,3 +29,37 @@ def test_unchecked_vllm_version_refused(tiny_llama, monkeypatch):
     monkeypatch.setattr(vllm, "__version__", "0.31.0+cpu")
     with pytest.raises(PolicyConfigError, match=r"checked against vLLM 0\.32\.0 and 0\.33\.0; the installed vLLM is 0\.31\.0"):
         make_llm(tiny_llama)
+
+
+# ---- per layer, when the engine builds a layer the policy cannot serve ----------------------
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(alibi_slopes=[0.5, 0.25, 0.125, 0.0625]), "ALiBi"),
+    (dict(logits_soft_cap=30.0), "logits soft-capping"),  # Gemma 2's attention soft-cap
+    (dict(kv_cache_dtype="fp8"), r"quantized KV cache \(fp8\)"),
+    (dict(kv_sharing_target_layer_name="model.layers.0.self_attn.attn"), "cross-layer KV sharing"),
+    (dict(attn_type="encoder"), "encoder attention"),
+    (dict(attn_type="encoder_decoder"), "encoder_decoder attention"),
+])
+def test_layer_the_policy_cannot_serve_refused(kwargs, message):
+    """The wrapped impl (the CPU_ATTN one here; every inner backend shares SinkImpl)
+    refuses before anything is built, naming what the layer asks for."""
+    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+
+    from vllm_sink.backend import wrap
+
+    args = dict(num_heads=4, head_size=32, scale=32 ** -0.5, num_kv_heads=2, alibi_slopes=None,
+                sliding_window=None, kv_cache_dtype="auto")
+    args.update(kwargs)
+    with pytest.raises(PolicyConfigError, match=f"--kv-policy streaming-sink does not support {message}"):
+        wrap(CPUAttentionBackend).get_impl_cls()(**args)
+
+
+def test_kv_group_block_size_other_than_the_policys_refused():
+    from vllm_sink.backend import check_block_size
+
+    from streaming_sink.policy import SinkPolicy
+
+    check_block_size(32, SinkPolicy(S, W, 32))  # the policy's own: fine
+    with pytest.raises(PolicyConfigError, match=r"block size 64, the policy 32 \(--block-size\)"):
+        check_block_size(64, SinkPolicy(S, W, 32))
