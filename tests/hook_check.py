@@ -167,33 +167,38 @@ def our_classes(platform: str) -> list[type]:
     return classes
 
 
-def check_overrides(targets, platform: str) -> list[str]:
-    """Every name our classes override on a vLLM base has a table entry (so the table
-    cannot fall behind our code), and an ``override`` entry's parameters are ours."""
+def check_overrides(targets, platform: str | None = None, *, classes=None, engine: str = "vllm",
+                    resolve_target=None) -> list[str]:
+    """Every name our classes override on an engine base has a table entry (so the table
+    cannot fall behind our code), and an ``override`` entry's parameters are ours.
+    ``engine``: "vllm" (default: ``our_classes(platform)``) or "sglang" (its caller gives
+    ``classes`` and its own ``resolve_target``)."""
+    classes = our_classes(platform) if classes is None else classes
+    resolve_target = resolve_target or resolve
+    engine_name = {"vllm": "vLLM", "sglang": "SGLang"}[engine]
     entries = {}
     for kind, target, expected in targets:
         try:
-            owner, name, _ = resolve(target)
+            owner, name, _ = resolve_target(target)
         except (ImportError, AttributeError):
             continue  # reported by check_all
         entries.setdefault(name, []).append((owner, kind, expected))
     problems = []
-    for cls in our_classes(platform):
-        vllm_bases = [b for b in cls.__mro__ if b.__module__.startswith("vllm.")]
-        ours = [b for b in cls.__mro__ if b.__module__.startswith("vllm_sink")]
+    for cls in classes:
+        bases = [b for b in cls.__mro__ if b.__module__.startswith(engine + ".")]
+        ours = [b for b in cls.__mro__ if b.__module__.startswith(engine + "_sink")]
         for name in sorted({n for b in ours for n in vars(b)}):
-            if (name.startswith("__") and name != "__init__") or name == "_abc_impl":
+            if (name.startswith("__") and name != "__init__") or name in ("_abc_impl", "_is_protocol"):
                 continue
-            if not any(name in vars(b) for b in vllm_bases):
+            if not any(name in vars(b) for b in bases):
                 continue  # our own name, not an override
-            hits = [(k, e) for owner, k, e in entries.get(name, ()) if owner in vllm_bases]
+            hits = [(k, e) for owner, k, e in entries.get(name, ()) if owner in bases]
             if not hits:
-                problems.append(f"{cls.__qualname__}.{name} overrides vLLM's "
-                                f"{next(b for b in vllm_bases if name in vars(b)).__qualname__}.{name}, "
+                base = next(b for b in bases if name in vars(b))
+                problems.append(f"{cls.__qualname__}.{name} overrides {engine_name}'s {base.__qualname__}.{name}, "
                                 "which hooks.hook_targets() does not list")
                 continue
-            mine = next(b for b in ours if name in vars(b))
-            fn = _raw(mine, name)
+            fn = _raw(next(b for b in ours if name in vars(b)), name)
             for kind, expected in hits:
                 if kind != "override" or not inspect.isfunction(fn):
                     continue
@@ -203,8 +208,8 @@ def check_overrides(targets, platform: str) -> list[str]:
                     continue
                 extra = params[len(expected):]
                 if names[:len(expected)] != tuple(expected) or any(
-                        p.default is p.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+                        p.default is p.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD, p.KEYWORD_ONLY)
                         for p in extra):
-                    problems.append(f"{cls.__qualname__}.{name}{names}: the table says vLLM's takes "
+                    problems.append(f"{cls.__qualname__}.{name}{names}: the table says {engine_name}'s takes "
                                     f"{tuple(expected)}")
     return problems

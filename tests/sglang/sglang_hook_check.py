@@ -107,40 +107,6 @@ def our_classes() -> list[type]:
 
 
 def check_overrides(targets) -> list[str]:
-    """Every name our classes override on an SGLang base has a table entry (so the table
-    cannot fall behind our code), and an ``override`` entry's parameters are ours."""
-    entries: dict[str, list] = {}
-    for kind, target, expected in targets:
-        try:
-            owner, name, _ = resolve(target)
-        except (ImportError, AttributeError):
-            continue  # reported by check_all
-        entries.setdefault(name, []).append((owner, kind, expected))
-    problems = []
-    for cls in our_classes():
-        bases = [b for b in cls.__mro__ if b.__module__.startswith("sglang.")]
-        ours = [b for b in cls.__mro__ if b.__module__.startswith("sglang_sink")]
-        for name in sorted({n for b in ours for n in vars(b)}):
-            if (name.startswith("__") and name != "__init__") or name in ("_abc_impl", "_is_protocol"):
-                continue
-            if not any(name in vars(b) for b in bases):
-                continue  # our own name, not an override
-            hits = [(k, e) for owner, k, e in entries.get(name, ()) if owner in bases]
-            if not hits:
-                base = next(b for b in bases if name in vars(b))
-                problems.append(f"{cls.__qualname__}.{name} overrides SGLang's {base.__qualname__}.{name}, "
-                                "which hooks.hook_targets() does not list")
-                continue
-            fn = hook_check._raw(next(b for b in ours if name in vars(b)), name)
-            for kind, expected in hits:
-                if kind != "override" or not inspect.isfunction(fn):
-                    continue
-                params = hook_check._params(fn)
-                names = hook_check._names(params)
-                extra = params[len(expected):]
-                if names[:len(expected)] != tuple(expected) or any(
-                        p.default is p.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD, p.KEYWORD_ONLY)
-                        for p in extra):
-                    problems.append(f"{cls.__qualname__}.{name}{names}: the table says SGLang's takes "
-                                    f"{tuple(expected)}")
-    return problems
+    """Every name our classes override on an SGLang base is in the table, with our
+    parameters (tests/hook_check.py's rule, over SGLang's bases and our resolve)."""
+    return hook_check.check_overrides(targets, classes=our_classes(), engine="sglang", resolve_target=resolve)
