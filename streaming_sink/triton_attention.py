@@ -91,6 +91,19 @@ if triton is not None:
             return qs // BLOCK_Q + 2 * (qs // BS) + 8 * i
 
     @triton.jit
+    def _seq_of(qsl_ptr, slot, num_seqs, BLOCK_Q: tl.constexpr, BS: tl.constexpr, SLOT_MODE: tl.constexpr):
+        """The sequence a grid slot belongs to: binary search over ``_slot_start`` (no host
+        sync; with ``SLOT_MODE`` 0 a slot is a query row)."""
+        lo = tl.zeros([], dtype=tl.int32)
+        hi = lo + num_seqs
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            go_right = _slot_start(qsl_ptr, mid, BLOCK_Q, BS, SLOT_MODE) <= slot
+            lo = tl.where(go_right, mid, lo)
+            hi = tl.where(go_right, hi, mid)
+        return lo
+
+    @triton.jit
     def _rotation(delta, inv_freq):
         """cos/sin of ``delta * inv_freq`` (fp64 angle, 2*pi in three fp32-exact parts)."""
         ang = delta.to(tl.float64) * inv_freq
@@ -171,15 +184,8 @@ if triton is not None:
         kvh = tl.program_id(1)
         split = tl.program_id(2)
 
-        # ---- which sequence, which tile (binary search over query_start_loc)
-        lo = tl.zeros([], dtype=tl.int32)
-        hi = lo + num_seqs
-        while hi - lo > 1:
-            mid = (lo + hi) // 2
-            go_right = _slot_start(qsl_ptr, mid, BLOCK_Q, BS, SLOT_MODE) <= pid
-            lo = tl.where(go_right, mid, lo)
-            hi = tl.where(go_right, hi, mid)
-        seq = lo
+        # ---- which sequence, which tile
+        seq = _seq_of(qsl_ptr, pid, num_seqs, BLOCK_Q, BS, SLOT_MODE)
         if USE_MASK:  # a sequence another kernel computes this step (the engine's own, dense rows)
             if tl.load(mask_ptr + seq) == 0:
                 return
@@ -315,14 +321,7 @@ if triton is not None:
         t = tl.program_id(0).to(tl.int64)
         h = tl.program_id(1)
         if USE_MASK:  # rows of masked sequences belong to another kernel: leave them
-            lo = tl.zeros([], dtype=tl.int32)
-            hi = lo + num_seqs
-            while hi - lo > 1:
-                mid = (lo + hi) // 2
-                go_right = tl.load(qsl_ptr + mid) <= t
-                lo = tl.where(go_right, mid, lo)
-                hi = tl.where(go_right, hi, mid)
-            if tl.load(mask_ptr + lo) == 0:
+            if tl.load(mask_ptr + _seq_of(qsl_ptr, t, num_seqs, 1, 1, 0)) == 0:  # the query row's sequence
                 return
         rs = tl.arange(0, SPLIT_PAD)
         s_ok = rs < num_splits

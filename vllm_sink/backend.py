@@ -22,7 +22,6 @@ everything on the host into persistent buffers; ``forward`` only launches kernel
 from __future__ import annotations
 
 import dataclasses
-import logging
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -40,9 +39,6 @@ from . import kv_layouts
 from .config import policy_of
 from .kv_manager import StreamingSinkSpec
 
-logger = logging.getLogger("vllm.streaming_sink")
-
-
 # ---- which classes exist: one wrapper per inner backend ------------------------
 
 _WRAPPED: dict[str, type] = {}
@@ -53,8 +49,9 @@ def wrap(inner: type) -> type:
     """The streaming-sink backend around ``inner`` (one class per inner backend)."""
     name = _PREFIX + inner.get_name()
     if name not in _WRAPPED:
-        builder = type(name + "Builder", (SinkMetadataBuilder, inner.get_builder_cls()), {})
-        impl = type(name + "Impl", (SinkImpl, inner.get_impl_cls()), {})
+        layout = {"layout": kv_layouts.for_backend(inner)}  # one per inner backend, shared
+        builder = type(name + "Builder", (SinkMetadataBuilder, inner.get_builder_cls()), layout)
+        impl = type(name + "Impl", (SinkImpl, inner.get_impl_cls()), layout)
         _WRAPPED[name] = type(name, (SinkBackend, inner), {
             "__module__": __name__, "inner": inner, "builder_cls": builder, "impl_cls": impl,
             "supported_kv_cache_dtypes": ["auto"]})
@@ -179,6 +176,8 @@ class SinkMetadataBuilder:
     """Mixed in front of the inner builder: splits each step, builds the inner
     metadata for the dense subset, fills persistent buffers for the streaming rows."""
 
+    layout: ClassVar[kv_layouts.PagedLayout | kv_layouts.CpuAttnLayout]  # set by wrap()
+
     # The metadata is ours (SinkMetadata), not the inner builder's: vLLM must neither
     # patch another KV group's block table into a copy of it (FLASH_ATTN's
     # update_block_table) nor capture the inner kernel alone in a full CUDA graph
@@ -202,7 +201,6 @@ class SinkMetadataBuilder:
         # Every KV group (a hybrid's sliding layers too) holds keys written at
         # pos(t), read with per-block query rotations in the policy's blocks.
         check_block_size(kv_cache_spec.block_size, self.policy)
-        self.layout = kv_layouts.for_backend(type(self).__mro__)
         self.layout.prepare_builder(self, layer_names)
         # a step never has more sequences than either bound (padded batches included)
         sched = vllm_config.scheduler_config
@@ -227,7 +225,7 @@ class SinkMetadataBuilder:
                                 None, None)
         inner = dense_rows = None
         if split.dense_ids is not None:
-            inner, dense_rows = self._build_subset(common_prefix_len, m, split, fast_build)
+            inner, dense_rows = self._build_subset(common_prefix_len, m, split, lens, fast_build)
         ids = split.streaming_ids
         mask, seq_ids = self._mask[:n], self._ids[:len(ids)]
         ours = torch.zeros(n, dtype=torch.int32)
@@ -239,8 +237,9 @@ class SinkMetadataBuilder:
             seq_mask=mask, seq_ids=seq_ids, max_query_len=m.max_query_len)
         return SinkMetadata(m.num_actual_tokens, inner, dense_rows, streaming)
 
-    def _build_subset(self, common_prefix_len, m, split, fast_build):
-        """The inner builder's metadata for the dense sequences alone, and their query rows."""
+    def _build_subset(self, common_prefix_len, m, split, lens, fast_build):
+        """The inner builder's metadata for the dense sequences alone (``lens``: the step's
+        host lengths), and their query rows."""
         ids, rows, sub_qsl = split.dense_ids, split.dense_rows, split.dense_query_start_loc
         sub_qsl = sub_qsl.to(m.query_start_loc_cpu.dtype)
         dev = m.query_start_loc.device
@@ -249,7 +248,7 @@ class SinkMetadataBuilder:
         sub = dataclasses.replace(
             m, query_start_loc=sub_qsl.to(dev, non_blocking=True), query_start_loc_cpu=sub_qsl,
             seq_lens=m.seq_lens[dev_ids], num_reqs=len(ids), num_actual_tokens=len(rows),
-            max_query_len=int(sub_qsl.diff().max()), max_seq_len=int(_host_seq_lens(m)[ids].max()),
+            max_query_len=int(sub_qsl.diff().max()), max_seq_len=int(lens[ids].max()),
             block_table_tensor=m.block_table_tensor[dev_ids], slot_mapping=m.slot_mapping[dev_rows],
             positions=None, is_prefilling=_take(m.is_prefilling, ids),
             seq_lens_cpu_upper_bound=None if upper is None else upper[ids],
@@ -289,6 +288,8 @@ class SinkImpl:
     through the core's kernel. The cache write is the inner impl's own (keys arrive
     rotated at pos(t) from the model's RoPE: rope_remap.py)."""
 
+    layout: ClassVar[kv_layouts.PagedLayout | kv_layouts.CpuAttnLayout]  # set by wrap()
+
     def __init__(self, num_heads, head_size, scale, num_kv_heads, alibi_slopes, sliding_window,
                  kv_cache_dtype, logits_soft_cap=None, attn_type=AttentionType.DECODER,
                  kv_sharing_target_layer_name=None, sinks=None, **kwargs) -> None:
@@ -309,7 +310,6 @@ class SinkImpl:
         self.policy.check_layer_window(sliding_window, "an attention layer")
         self.layer_window = sliding_window  # the contract's form (None: no window of its own)
         self.sink_logits = sinks
-        self.layout = kv_layouts.for_backend(type(self).__mro__)
         # Filled by rope_remap.install() once the model is built: the layer's
         # rotary frequencies, needed for the per-block query rotation.
         self.rope: RotaryParams | None = None

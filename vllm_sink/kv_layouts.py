@@ -92,10 +92,9 @@ class CpuAttnLayout:
             out=out, seq_ids=rows.seq_ids)
 
 
-def for_backend(mro: tuple[type, ...]) -> PagedLayout | CpuAttnLayout:
-    """The layout of the inner backend a wrapped builder or impl class derives from."""
-    cpu = any(c.__module__ == "vllm.v1.attention.backends.cpu_attn" for c in mro)
-    return CpuAttnLayout() if cpu else PagedLayout()
+def for_backend(inner: type) -> PagedLayout | CpuAttnLayout:
+    """The layout of an inner backend class (CPU_ATTN's own; every other one paged)."""
+    return CpuAttnLayout() if inner.get_name() == "CPU_ATTN" else PagedLayout()
 
 
 def _fp32_sinks(impl, device: torch.device) -> torch.Tensor | None:
