@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from .errors import PolicyConfigError
 
@@ -86,9 +86,32 @@ class SinkPolicy:
             return streaming_ws if self.is_streaming(j) else self.sink_tokens
         return _where(self.is_streaming(j), streaming_ws, self.sink_tokens)
 
-    def cache_position(self, t):
-        """``pos(t)``: the RoPE position a token is written (and queried) at."""
-        return self.sink_tokens + t - self.window_start(t // self.block_size)
+    def cache_position(self, t, sink_tokens=None):
+        """``pos(t)``: the RoPE position a token is written (and queried) at.
+        ``sink_tokens``: each token's own ``S`` (a tensor like ``t``: a batch whose
+        requests have their own sink lengths); None: the policy's."""
+        if sink_tokens is None:
+            return self.sink_tokens + t - self.window_start(t // self.block_size)
+        if isinstance(sink_tokens, int):
+            return self.with_sinks(sink_tokens).cache_position(t)
+        # The same rule with S elementwise: Sb = ceil(S / bs), dense => ws = S.
+        j = t // self.block_size
+        streaming = j > self.sink_blocks_of(sink_tokens) + self.window_blocks
+        ws = _where(streaming, (j - self.window_blocks) * self.block_size, sink_tokens)
+        return sink_tokens + t - ws
+
+    # ---- per-request sink lengths (issue 23: every request may carry its own S) ----
+    def with_sinks(self, sink_tokens: int) -> "SinkPolicy":
+        """The same window and block size with another ``S``: one request's policy."""
+        return self if sink_tokens == self.sink_tokens else replace(self, sink_tokens=int(sink_tokens))
+
+    def sink_blocks_of(self, sink_tokens):
+        """``Sb = ceil(S / bs)`` for an int or an integer tensor of sink lengths."""
+        return -(-sink_tokens // self.block_size)
+
+    def dense_tokens_of(self, sink_tokens):
+        """``dense_tokens`` for an int or an integer tensor of sink lengths (per sequence)."""
+        return (self.sink_blocks_of(sink_tokens) + self.window_blocks + 1) * self.block_size
 
     def first_window_block(self, j):
         """First live block after the sink blocks for a query in block ``j``."""
@@ -177,20 +200,35 @@ class SinkPolicy:
 
     @classmethod
     def resolve(cls, sink_tokens: int, window_tokens: int | None, block_size: int,
-                rotary_table_len: int, what: str = "the model") -> "SinkPolicy":
+                rotary_table_len: int, what: str = "the model",
+                max_sink_tokens: int | None = None) -> "SinkPolicy":
         """The policy an engine runs: ``window_tokens=None`` picks the largest
-        window the rotary table allows; every bad value raises PolicyConfigError."""
+        window the rotary table allows; every bad value raises PolicyConfigError.
+        ``max_sink_tokens``: the largest ``S`` a request may ask for
+        (``--max-sink-tokens``); the window is resolved so that every request's
+        positions fit the table, ``S`` up to ``max(sink_tokens, max_sink_tokens)``."""
         if sink_tokens < 0:
             raise PolicyConfigError(
                 f"--sink-tokens must be >= 0 (0 is plain window attention), got {sink_tokens}")
+        widest = max(sink_tokens, max_sink_tokens or 0)
+        flags = "--sink-tokens" if widest == sink_tokens else "--max-sink-tokens"
         if window_tokens is None:
-            window_tokens = cls.largest_window(rotary_table_len, sink_tokens, block_size)
+            window_tokens = cls.largest_window(rotary_table_len, widest, block_size)
             if window_tokens <= 0:
                 raise PolicyConfigError(
                     f"{what} has a rotary table of {rotary_table_len} positions: too small for "
-                    f"{sink_tokens} sink tokens and even one {block_size}-token window block "
-                    f"(--sink-tokens / --block-size)")
+                    f"{widest} sink tokens and even one {block_size}-token window block "
+                    f"({flags} / --block-size)")
         policy = cls(sink_tokens, window_tokens, block_size)
+        if widest > sink_tokens:
+            widest_policy = policy.with_sinks(widest)
+            if widest_policy.max_position >= rotary_table_len:
+                raise PolicyConfigError(
+                    f"--max-sink-tokens {widest} + --sink-window {window_tokens} with block size "
+                    f"{block_size} use RoPE positions up to {widest_policy.max_position}, beyond the "
+                    f"rotary table of {what} ({rotary_table_len} positions). Use --sink-window <= "
+                    f"{cls.largest_window(rotary_table_len, widest, block_size)} or a smaller "
+                    f"--max-sink-tokens.")
         policy.check_rotary_table(rotary_table_len, what)
         return policy
 

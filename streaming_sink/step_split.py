@@ -14,9 +14,12 @@ from dataclasses import dataclass
 import torch
 
 
-def dense_sequences(policy, seq_lens: torch.Tensor) -> torch.Tensor:
-    """Bool mask: sequences whose every query is in the dense regime."""
-    return seq_lens <= policy.dense_tokens
+def dense_sequences(policy, seq_lens: torch.Tensor, sink_tokens: torch.Tensor | None = None) -> torch.Tensor:
+    """Bool mask: sequences whose every query is in the dense regime (``sink_tokens``:
+    each sequence's own ``S``, which moves its dense bound; None: the policy's)."""
+    if sink_tokens is None:
+        return seq_lens <= policy.dense_tokens
+    return seq_lens <= policy.dense_tokens_of(sink_tokens)
 
 
 def query_rows(query_start_loc: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -53,14 +56,18 @@ class StepSplit:
 
 
 def split_step(policy, seq_lens: torch.Tensor, query_start_loc: torch.Tensor,
-               max_seq_len: int | None = None) -> StepSplit:
+               max_seq_len: int | None = None, sink_tokens: torch.Tensor | None = None,
+               min_sink_tokens: int | None = None) -> StepSplit:
     """Splits a step (``seq_lens`` per sequence, ``query_start_loc`` its varlen query
     offsets) by regime. ``max_seq_len``: a host-side upper bound of ``seq_lens``, when
     the engine has one: a step below the window is then decided without reading the
-    device tensor."""
-    if max_seq_len is not None and max_seq_len <= policy.dense_tokens:
+    device tensor. ``sink_tokens``: each sequence's own ``S`` (per-request sinks;
+    None: the policy's), ``min_sink_tokens`` a host-side lower bound of it (the
+    smallest ``S`` has the lowest dense bound)."""
+    lowest = policy.sink_tokens if sink_tokens is None else min_sink_tokens
+    if max_seq_len is not None and lowest is not None and max_seq_len <= policy.dense_tokens_of(lowest):
         return StepSplit(None, None, None, None, all_dense=True)
-    dense = dense_sequences(policy, seq_lens)
+    dense = dense_sequences(policy, seq_lens, sink_tokens)
     n_dense = int(dense.sum())
     if n_dense == len(seq_lens):
         return StepSplit(None, None, None, None, all_dense=True)

@@ -32,7 +32,8 @@ def test_flags_parse_and_say_their_defaults(engine, unit):
     flags.add_flags(parser, engine)
     args = parser.parse_args(["--kv-policy", "streaming-sink", "--sink-window", "256"])
     assert (args.kv_policy, args.sink_tokens, args.sink_window) == ("streaming-sink", None, 256)
-    assert vars(parser.parse_args([])) == {"kv_policy": "none", "sink_tokens": None, "sink_window": None}
+    assert vars(parser.parse_args([])) == {"kv_policy": "none", "sink_tokens": None, "sink_window": None,
+                                           "max_sink_tokens": None}
     assert set(flags.FLAGS) == set(vars(args))
     text = " ".join(parser.format_help().split())
     assert f"recent {unit}" in text and "None means 4" in text
@@ -43,8 +44,8 @@ def test_flags_parse_and_say_their_defaults(engine, unit):
 
 @pytest.mark.parametrize("given, flag", [
     (("evict-everything", None, None), "--kv-policy must be one of none, streaming-sink"),
-    (("none", 4, None), "--sink-tokens / --sink-window need --kv-policy streaming-sink"),
-    ((None, None, 64), "--sink-tokens / --sink-window need --kv-policy streaming-sink"),
+    (("none", 4, None), "--sink-tokens / --sink-window / --max-sink-tokens need --kv-policy streaming-sink"),
+    ((None, None, 64), "--sink-tokens / --sink-window / --max-sink-tokens need --kv-policy streaming-sink"),
     (("streaming-sink", -1, None), "--sink-tokens must be >= 0"),
     (("streaming-sink", None, 0), "--sink-window must be a positive number of tokens"),
 ])
@@ -56,7 +57,8 @@ def test_bad_flags_refused_naming_the_flag(given, flag):
 def test_settings_round_trip_to_the_same_policy():
     assert flags.check_flags(None, None, None) is None and not flags.flags_given(dict.fromkeys(flags.FLAGS))
     opts = flags.check_flags("streaming-sink", None, None)
-    assert opts == {"kv_policy": "streaming-sink", "sink_tokens": flags.DEFAULT_SINK_TOKENS, "sink_window": None}
+    assert opts == {"kv_policy": "streaming-sink", "sink_tokens": flags.DEFAULT_SINK_TOKENS, "sink_window": None,
+                    "max_sink_tokens": flags.DEFAULT_SINK_TOKENS, "sink_mode": "number"}
     policy = SinkPolicy.resolve(opts["sink_tokens"], opts["sink_window"], 32, 256)
     shipped = flags.resolved_settings(opts, policy)
     assert flags.policy_from_settings(shipped) == policy == SinkPolicy(4, 192, 32)

@@ -150,7 +150,8 @@ def test_policy_runs_up_to_vllm_device_check(tiny_llama, no_device):
 
     engine_args = _engine_args(tiny_llama)
     assert engine_args.additional_config == {
-        "streaming_sink": {"kv_policy": "streaming-sink", "sink_tokens": 4, "sink_window": 128}}
+        "streaming_sink": {"kv_policy": "streaming-sink", "sink_tokens": 4, "sink_window": 128,
+                           "max_sink_tokens": 4, "sink_mode": "number"}}
     # vLLM's DeviceConfig, with the platform's empty device type: "Device string must not
     # be empty" here (create_engine_config), "Failed to infer device type" for "auto".
     with pytest.raises(RuntimeError, match="Device string must not be empty|Failed to infer device type") as failure:
@@ -232,14 +233,15 @@ def test_serve_help_lists_our_flags(probe):
 
 def test_flags_parse_through_vllm_parser(probe):
     assert probe["additional_config"] == {
-        "streaming_sink": {"kv_policy": "streaming-sink", "sink_tokens": 4, "sink_window": 128}}
+        "streaming_sink": {"kv_policy": "streaming-sink", "sink_tokens": 4, "sink_window": 128,
+                           "max_sink_tokens": 4, "sink_mode": "number"}}
 
 
 @pytest.mark.parametrize("case, expected", [
     ("kv_policy", "argument --kv-policy: invalid choice: 'bogus'"),
     ("sink_tokens", "--sink-tokens must be >= 0 (0 is plain window attention), got -1"),
     ("sink_window", "--sink-window must be a positive number of tokens, got 0"),
-    ("no_policy", "--sink-tokens / --sink-window need --kv-policy streaming-sink"),
+    ("no_policy", "--sink-tokens / --sink-window / --max-sink-tokens need --kv-policy streaming-sink"),
 ])
 def test_bad_flags_refused_through_vllm_parser(probe, case, expected):
     result = probe["bad"][case]
@@ -248,6 +250,7 @@ def test_bad_flags_refused_through_vllm_parser(probe, case, expected):
 
 def test_policy_resolves_in_create_engine_config(probe):
     assert probe["resolved"] == {"kv_policy": "streaming-sink", "sink_tokens": 4, "sink_window": 128,
+                                 "max_sink_tokens": 4, "sink_mode": "number",
                                  "window_tokens": 128, "block_size": 16, "inner_backend": None}
     assert probe["attention_backend"] == "AttentionBackendEnum.CUSTOM"
     assert probe["chunked_prefill"] is True
