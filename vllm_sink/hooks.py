@@ -125,7 +125,7 @@ def _install_flags() -> None:
         if opts is None:
             return original_create(self, *args, **kwargs)
         # Also validates settings given as additional_config={"streaming_sink": {...}}.
-        opts = check_flags(opts.get("kv_policy"), opts.get("sink_tokens"), opts.get("sink_window"))
+        opts = check_flags(**{f: opts.get(f) for f in sink_flags.FLAGS}, sink_mode=opts.get("sink_mode"))
         return _create_streaming_config(self, original_create, opts, *args, **kwargs)
 
     EngineArgs.create_engine_config = create_engine_config
@@ -135,10 +135,11 @@ def _wrap_init(cls) -> None:
     original = cls.__init__
 
     @functools.wraps(original)
-    def __init__(self, *args, kv_policy=None, sink_tokens=None, sink_window=None, **kwargs):
+    def __init__(self, *args, kv_policy=None, sink_tokens=None, sink_window=None, max_sink_tokens=None,
+                 **kwargs):
         original(self, *args, **kwargs)
         _store_flags(self, {"kv_policy": kv_policy, "sink_tokens": sink_tokens,
-                            "sink_window": sink_window})
+                            "sink_window": sink_window, "max_sink_tokens": max_sink_tokens})
 
     cls.__init__ = __init__
 
@@ -188,7 +189,8 @@ def _create_streaming_config(args, original_create, opts, *a, **kw):
     check_model_config(text_config, vllm_config.model_config.model)  # hybrids, RoPE (core rules)
     block_size = vllm_config.cache_config.block_size
     policy = SinkPolicy.resolve(
-        opts["sink_tokens"], opts["sink_window"], block_size, rotary_table_len(text_config), "the model")
+        opts["sink_tokens"], opts["sink_window"], block_size, rotary_table_len(text_config), "the model",
+        max_sink_tokens=opts["max_sink_tokens"])
     # Layers with their own window (GPT-OSS, Gemma 3) keep it; refused here, before the
     # engine is built, when it reaches past the policy's window: the config's window
     # (the core's rule) and vLLM's reading of it (the layer construction checks again
