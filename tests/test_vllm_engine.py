@@ -132,7 +132,7 @@ def test_abort_mid_stream_returns_every_block(llm):
     (dict(sink_window=0), "--sink-window"),
     (dict(sink_window=256), "--sink-window"),   # 4 + 256 exceeds the 256-position rotary table
     (dict(kv_policy="evict-everything"), "--kv-policy"),
-    (dict(kv_cache_dtype="fp8"), "--kv-cache-dtype"),
+    (dict(kv_cache_dtype="int8_per_token_head"), "--kv-cache-dtype"),  # fp8: test_vllm_fp8.py
     (dict(enable_chunked_prefill=False), "chunked-prefill"),
     # Explicit flags the policy cannot honour are refused, never overridden:
     # --attention-backend names the inner backend (the dense rows' kernel): one that is

@@ -36,7 +36,9 @@ def test_unchecked_vllm_version_refused(tiny_llama, monkeypatch):
 @pytest.mark.parametrize("kwargs, message", [
     (dict(alibi_slopes=[0.5, 0.25, 0.125, 0.0625]), "ALiBi"),
     (dict(logits_soft_cap=30.0), "logits soft-capping"),  # Gemma 2's attention soft-cap
-    (dict(kv_cache_dtype="fp8"), r"quantized KV cache \(fp8\)"),
+    # per-token-head scales live in the cache: not a layout the kernels read (fp8 is served:
+    # test_vllm_fp8.py)
+    (dict(kv_cache_dtype="int8_per_token_head"), "KV cache dtype int8_per_token_head"),
     (dict(kv_sharing_target_layer_name="model.layers.0.self_attn.attn"), "cross-layer KV sharing"),
     (dict(attn_type="encoder"), "encoder attention"),
     (dict(attn_type="encoder_decoder"), "encoder_decoder attention"),
@@ -53,6 +55,27 @@ def test_layer_the_policy_cannot_serve_refused(kwargs, message):
     args.update(kwargs)
     with pytest.raises(PolicyConfigError, match=f"--kv-policy streaming-sink does not support {message}"):
         wrap(CPUAttentionBackend).get_impl_cls()(**args)
+
+
+def test_kv_cache_dtypes_the_policy_serves_are_accepted():
+    """--kv-cache-dtype: plain floats are what they say (bfloat16 is not quantized) and
+    per-tensor fp8 is served; every other vLLM cache dtype is refused naming the flag."""
+    from vllm.config.cache import CacheDType
+    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+
+    from vllm_sink.backend import wrap
+    from vllm_sink.kv_layouts import check_kv_cache_dtype
+
+    for ok in ("auto", "bfloat16", "float16", "fp8", "fp8_e4m3", "fp8_e5m2", None):
+        check_kv_cache_dtype(ok)
+    refused = [d for d in CacheDType.__args__ if d not in ("auto", "bfloat16", "float16", "fp8", "fp8_e4m3",
+                                                            "fp8_e5m2")]
+    assert "nvfp4" in refused
+    for bad in refused:
+        with pytest.raises(PolicyConfigError, match=f"does not support --kv-cache-dtype {bad}; it serves auto"):
+            check_kv_cache_dtype(bad)
+    # vLLM's backend check sees what the inner backend and the policy both serve
+    assert wrap(CPUAttentionBackend).supported_kv_cache_dtypes == ["auto", "fp8", "fp8_e4m3", "fp8_e5m2"]
 
 
 def test_kv_group_block_size_other_than_the_policys_refused():

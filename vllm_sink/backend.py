@@ -54,7 +54,9 @@ def wrap(inner: type) -> type:
         impl = type(name + "Impl", (SinkImpl, inner.get_impl_cls()), layout)
         _WRAPPED[name] = type(name, (SinkBackend, inner), {
             "__module__": __name__, "inner": inner, "builder_cls": builder, "impl_cls": impl,
-            "supported_kv_cache_dtypes": ["auto"]})
+            # the cache dtypes the policy serves (kv_layouts.py) that the inner backend has
+            "supported_kv_cache_dtypes": [d for d in inner.supported_kv_cache_dtypes
+                                          if d in kv_layouts.PLAIN_KV_DTYPES + kv_layouts.FP8_KV_DTYPES]})
         builder.__module__ = impl.__module__ = __name__
     return _WRAPPED[name]
 
@@ -296,7 +298,8 @@ class SinkImpl:
         unsupported = [name for name, bad in (
             ("ALiBi", alibi_slopes is not None),
             ("logits soft-capping", logits_soft_cap not in (None, 0)),
-            (f"quantized KV cache ({kv_cache_dtype})", kv_cache_dtype != "auto"),
+            (f"KV cache dtype {kv_cache_dtype}",
+             kv_cache_dtype not in kv_layouts.PLAIN_KV_DTYPES + kv_layouts.FP8_KV_DTYPES),
             ("cross-layer KV sharing", kv_sharing_target_layer_name is not None),
             (f"{attn_type} attention", attn_type != AttentionType.DECODER),
         ) if bad]
@@ -309,6 +312,7 @@ class SinkImpl:
         self.policy = _current_policy()
         self.policy.check_layer_window(sliding_window, "an attention layer")
         self.layer_window = sliding_window  # the contract's form (None: no window of its own)
+        self.kv_dtype_name = kv_cache_dtype  # fp8: the layout reads the cache's float8 view, scaled
         self.sink_logits = sinks
         # Filled by rope_remap.install() once the model is built: the layer's
         # rotary frequencies, needed for the per-block query rotation.
@@ -338,5 +342,5 @@ class SinkImpl:
         n, d = m.num_actual_tokens, self.head_size
         self.layout.attend(
             self, query[:n].view(n, self.num_heads, d), kv_cache, m.streaming,
-            output[:n].view(n, self.num_heads, d))
+            output[:n].view(n, self.num_heads, d), layer=layer)
         return output

@@ -47,6 +47,7 @@ from streaming_sink.hf_config import check_model_config, layer_window, rotary_ta
 from streaming_sink.policy import PolicyConfigError, SinkPolicy
 
 from . import config as sink_config
+from . import kv_layouts
 
 # A child of "vllm" so our lines go through vLLM's own log handlers and format.
 logger = logging.getLogger("vllm.streaming_sink")
@@ -156,9 +157,9 @@ def _create_streaming_config(args, original_create, opts, *a, **kw):
     from vllm.v1.attention.backends.registry import AttentionBackendEnum
 
     inner = _inner_backend_choice(args.attention_backend, args.attention_config)
+    kv_layouts.check_kv_cache_dtype(args.kv_cache_dtype)  # plain floats and per-tensor fp8
     unsupported = [name for name, on in (
         ("speculative decoding (--speculative-config)", args.speculative_config),
-        ("a quantized KV cache (--kv-cache-dtype)", args.kv_cache_dtype not in (None, "auto")),
         ("KV transfer / disaggregated prefill (--kv-transfer-config)", args.kv_transfer_config),
         ("decode context parallelism", (args.decode_context_parallel_size or 1) > 1),
     ) if on]
@@ -457,6 +458,11 @@ def hook_targets(platform: str = "cuda") -> list[tuple[str, str, tuple[str, ...]
             "output_block_scale")),
         ("uses", "vllm.model_executor.layers.attention.attention:unified_kv_cache_update",
          ("do_kv_cache_update",)),
+        # an fp8 --kv-cache-dtype (kv_layouts.py): the layer's per-tensor scales, the
+        # platform's fp8 type (TRITON_ATTN / FLASH_ATTN's view of the uint8 cache)
+        ("uses", "vllm.model_executor.layers.attention.attention:set_default_quant_scales",
+         ("_k_scale", "_v_scale", "_q_scale", "_k_scale_float", "_v_scale_float")),
+        ("call", "vllm.platforms.interface:Platform.fp8_dtype", ()),
         ("uses", "vllm.model_executor.layers.attention.attention:Attention.get_kv_cache_spec",
          ("customize_spec",)),
         *(("attr", f"{be}:CommonAttentionMetadata.{name}", None) for name in (

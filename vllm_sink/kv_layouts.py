@@ -8,6 +8,11 @@ vLLM hands every backend one tensor per layer of logical shape
 ``kv_cache.transpose(1, 2).split(D, -1)`` (their ``forward``); CPU_ATTN's vec ISAs
 store, per block and head, the keys dim-major ``[D, block_size]`` then the values
 token-major ``[block_size, D]``.
+
+An fp8 ``--kv-cache-dtype`` keeps the same shapes and layouts in a ``torch.uint8``
+tensor (one byte per element, ``x / scale`` per layer): each layout reads it through
+the float8 view its inner backend reads, with the layer's ``_k_scale`` / ``_v_scale``
+(docs/fp8-kv-cache.md).
 """
 
 from __future__ import annotations
@@ -23,9 +28,53 @@ logger = logging.getLogger("vllm.streaming_sink")
 # CPU_ATTN ISAs whose cache layout the core's CPU kernel reads.
 _READABLE_ISAS = ("vec", "vec16")
 
+# --kv-cache-dtype values the policy serves: a plain float cache is what it says
+# (auto: the model's dtype); per-tensor fp8 is read with the layer's k/v scales.
+# Every other vLLM cache dtype (per-token-head, nvfp4, turboquant, fp8_inc, MLA's)
+# keeps scales or packing per slot that the core's kernels do not read.
+PLAIN_KV_DTYPES = ("auto", "bfloat16", "float16")
+FP8_KV_DTYPES = ("fp8", "fp8_e4m3", "fp8_e5m2")
+
+
+def check_kv_cache_dtype(value: str | None) -> None:
+    """Startup check of ``--kv-cache-dtype`` with the policy on (one line, naming the flag)."""
+    if value is None or value in PLAIN_KV_DTYPES + FP8_KV_DTYPES:
+        return
+    raise PolicyConfigError(
+        f"--kv-policy streaming-sink does not support --kv-cache-dtype {value}; it serves "
+        f"{', '.join(PLAIN_KV_DTYPES + FP8_KV_DTYPES)}")
+
+
+def fp8_by_name(kv_cache_dtype: str) -> torch.dtype:
+    """The float8 dtype a cache dtype name says (CPU_ATTN and FLASHINFER read it so)."""
+    return torch.float8_e5m2 if kv_cache_dtype == "fp8_e5m2" else torch.float8_e4m3fn
+
+
+def _fp8_scales(impl, layer, as_tensor: bool) -> dict:
+    """The kernels' ``k_scale`` / ``v_scale``: the layer's own (1.0 unless a checkpoint or
+    --calculate-kv-scales set them); none for a plain cache."""
+    if impl.kv_dtype_name not in FP8_KV_DTYPES:
+        return {}
+    if as_tensor:  # on the device, read in the kernel: no host sync, capture-safe
+        return dict(k_scale=layer._k_scale, v_scale=layer._v_scale)
+    return dict(k_scale=layer._k_scale_float, v_scale=layer._v_scale_float)
+
 
 class PagedLayout:
     """FLASH_ATTN, FLASHINFER, TRITON_ATTN: the core's Triton kernel."""
+
+    def __init__(self, fp8_view_by_name: bool = False) -> None:
+        # TRITON_ATTN and FLASH_ATTN read every fp8 cache as the platform's fp8 type
+        # (CUDA: e4m3fn, also for fp8_e5m2, which they write as that too); FLASHINFER
+        # by the name (fp8_e5m2 -> e5m2). Read it as the inner backend writes it.
+        self.fp8_view_by_name = fp8_view_by_name
+
+    def fp8_dtype(self, kv_cache_dtype: str) -> torch.dtype:
+        if self.fp8_view_by_name:
+            return fp8_by_name(kv_cache_dtype)
+        from vllm.platforms import current_platform
+
+        return current_platform.fp8_dtype()
 
     def prepare_builder(self, builder, layer_names) -> None:
         from streaming_sink import triton_attention
@@ -39,15 +88,24 @@ class PagedLayout:
     def views(kv_cache: torch.Tensor, head_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         return kv_cache.transpose(1, 2).split(head_size, dim=-1)
 
-    def attend(self, impl, q, kv_cache, rows, out) -> None:
+    def attend(self, impl, q, kv_cache, rows, out, layer=None) -> None:
         from streaming_sink.triton_attention import paged_attention
 
         k_cache, v_cache = self.views(kv_cache, impl.head_size)
+        scales = _fp8_scales(impl, layer, as_tensor=True)
+        if scales:
+            dtype = self.fp8_dtype(impl.kv_dtype_name)
+            k_cache, v_cache = k_cache.view(dtype), v_cache.view(dtype)
+        if q.dtype in (torch.float8_e4m3fn, torch.float8_e4m3fnuz, torch.float8_e5m2):
+            # vLLM quantized the query for the inner kernel (an fp8 cache on CUDA); the
+            # core's kernel takes it in the model's dtype: the value the inner one uses
+            q = (q.to(torch.float32) * layer._q_scale).to(out.dtype)
         paged_attention(
             q, k_cache, v_cache, rows.block_table, rows.query_start_loc, rows.seq_lens, impl.scale,
             impl.policy, impl.rope, _fp32_sinks(impl, q.device), impl.layer_window, out,
             max_query_len=rows.max_query_len, seq_mask=rows.seq_mask,
-            workspace=_workspace(impl, q))
+            workspace=_workspace(impl, q), sink_tokens=rows.sink_tokens,
+            max_sink_tokens=rows.max_sink_tokens, **scales)
 
 
 class CpuAttnLayout:
@@ -82,19 +140,25 @@ class CpuAttnLayout:
         v = kv_cache.as_strided((nb, bs, hkv, d), (s_b, d, s_h, 1), base + bs * d)
         return k, v
 
-    def attend(self, impl, q, kv_cache, rows, out) -> None:
+    def attend(self, impl, q, kv_cache, rows, out, layer=None) -> None:
         from streaming_sink.cpu_attention import paged_attention_cpu
 
         k_cache, v_cache = self.views(kv_cache)
+        scales = _fp8_scales(impl, layer, as_tensor=False)  # CPU_ATTN passes the floats too
+        if scales:  # same vec layout, one byte per element: keys dim-major, values token-major
+            dtype = fp8_by_name(impl.kv_dtype_name)
+            k_cache, v_cache = k_cache.view(dtype), v_cache.view(dtype)
         paged_attention_cpu(
             q, k_cache, v_cache, rows.block_table, rows.query_start_loc, rows.seq_lens, impl.scale,
             policy=impl.policy, rope=impl.rope, sinks=impl.sink_logits, sliding_window=impl.layer_window,
-            out=out, seq_ids=rows.seq_ids)
+            out=out, seq_ids=rows.seq_ids, sink_tokens=rows.sink_tokens,
+            max_sink_tokens=rows.max_sink_tokens, **scales)
 
 
 def for_backend(inner: type) -> PagedLayout | CpuAttnLayout:
     """The layout of an inner backend class (CPU_ATTN's own; every other one paged)."""
-    return CpuAttnLayout() if inner.get_name() == "CPU_ATTN" else PagedLayout()
+    name = inner.get_name()
+    return CpuAttnLayout() if name == "CPU_ATTN" else PagedLayout(fp8_view_by_name=name == "FLASHINFER")
 
 
 def _fp32_sinks(impl, device: torch.device) -> torch.Tensor | None:
