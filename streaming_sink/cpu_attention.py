@@ -96,14 +96,28 @@ def paged_attention_cpu(
     out: torch.Tensor | None = None,
     seq_ids: torch.Tensor | None = None,
     table_rows: torch.Tensor | None = None,
+    *,
+    sink_tokens: torch.Tensor | None = None,
+    max_sink_tokens: int | None = None,
+    k_scale: float | torch.Tensor | None = None,
+    v_scale: float | torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The contract for every query row of ``q`` (of ``seq_ids``' rows only, if given)."""
-    check_args(k_cache, policy, rope)
+    """The contract for every query row of ``q`` (of ``seq_ids``' rows only, if given).
+    ``sink_tokens`` is indexed by sequence like ``seq_lens`` (also with ``seq_ids``)."""
+    check_args(k_cache, policy, rope, sink_tokens, max_sink_tokens)
     if out is None:
         out = torch.empty_like(q)
     if use_reference() or not load():
         return _reference(q, k_cache, v_cache, block_table, query_start_loc, seq_lens, scale, policy, rope,
-                          sinks, sliding_window, out, seq_ids, table_rows)
+                          sinks, sliding_window, out, seq_ids, table_rows,
+                          dict(sink_tokens=sink_tokens, max_sink_tokens=max_sink_tokens, k_scale=k_scale,
+                               v_scale=v_scale))
+    seq_sinks = None
+    if sink_tokens is not None:
+        seq_sinks = sink_tokens.long().contiguous()
+        bound = policy.sink_tokens if max_sink_tokens is None else max_sink_tokens
+        if seq_sinks.numel() and int(seq_sinks.max()) > bound:  # a CPU tensor: reading it costs no sync
+            raise ValueError(f"sink_tokens {seq_sinks.tolist()} above max_sink_tokens={bound}")
     # The kernel reads q/out in the cache's dtype or float32; anything else goes via float32.
     direct = q.dtype in (torch.float32, k_cache.dtype) and out.dtype == q.dtype and out.is_contiguous()
     qk = q.contiguous() if direct else q.float().contiguous()
@@ -120,26 +134,29 @@ def paged_attention_cpu(
         float(scale), policy.sink_tokens if policy else 0, policy.window_blocks if policy else -1,
         table, inv, rope.rotary_dim if policy else 0, bool(rope.is_neox_style) if policy else True,
         None if sinks is None else sinks.float().contiguous(), int(sliding_window or 0),
-        None if seq_ids is None else seq_ids.long())
+        None if seq_ids is None else seq_ids.long(), seq_sinks)
     if not direct:
         out.copy_(ok)
     return out
 
 
 def _reference(q, k_cache, v_cache, block_table, query_start_loc, seq_lens, scale, policy, rope, sinks,
-               sliding_window, out, seq_ids, table_rows):
+               sliding_window, out, seq_ids, table_rows, extra=None):
     from .reference_attention import paged_attention_ref  # noqa: PLC0415 (only on the fallback)
     from .step_split import query_rows  # noqa: PLC0415
 
     if table_rows is not None:
         block_table = block_table[table_rows.long()]
+    extra = dict(extra or {})
     if seq_ids is None:
         return paged_attention_ref(q, k_cache, v_cache, block_table, query_start_loc, seq_lens, scale,
-                                   policy, rope, sinks, sliding_window, out)
+                                   policy, rope, sinks, sliding_window, out, **extra)
     # Only these sequences' rows change; the reference computes whole batches.
     rows, sub_qsl = query_rows(query_start_loc, seq_ids)
+    if extra.get("sink_tokens") is not None:
+        extra["sink_tokens"] = extra["sink_tokens"][seq_ids.long()]
     part = paged_attention_ref(q[rows], k_cache, v_cache, block_table[seq_ids.long()], sub_qsl,
-                               seq_lens[seq_ids.long()], scale, policy, rope, sinks, sliding_window)
+                               seq_lens[seq_ids.long()], scale, policy, rope, sinks, sliding_window, **extra)
     out[rows] = part.to(out.dtype)
     return out
 

@@ -10,13 +10,21 @@ against. Layout (vLLM's FlashAttention/Triton layout):
   Ids outside the live blocks may be stale (freed and reused): never read them;
 * ``query_start_loc``: ``[num_seqs + 1]``, varlen offsets into ``q``;
 * ``seq_lens``: ``[num_seqs]``, tokens in the cache per sequence *including*
-  this step's queries (the queries are the last ``q_len`` positions).
+  this step's queries (the queries are the last ``q_len`` positions);
+* ``sink_tokens``: ``[num_seqs]`` (optional), each sequence's own ``S``: the
+  contract with that ``S`` (its ``Sb``, dense regime, ``ws``, positions); the
+  policy gives the window and block size. ``max_sink_tokens`` bounds it (host int,
+  for sizing without a device sync). None: ``policy.sink_tokens`` for all;
+* ``k_scale``/``v_scale``: float or 1-element tensor; the caches may then be fp8
+  (``float8_e4m3fn``/``float8_e5m2``), read as ``k = k_fp8.float() * k_scale``.
 
 The live blocks and the per-block query rotation come from ``SinkPolicy`` only
 (no engine state), so the same code checks any engine's cache.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 
@@ -37,6 +45,11 @@ def paged_attention_ref(
     sinks: torch.Tensor | None = None,
     sliding_window: int | None = None,
     out: torch.Tensor | None = None,
+    *,
+    sink_tokens: torch.Tensor | None = None,
+    max_sink_tokens: int | None = None,
+    k_scale: float | torch.Tensor | None = None,
+    v_scale: float | torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention for every query row of ``q``; returns ``out`` (``q``'s dtype).
 
@@ -44,16 +57,29 @@ def paged_attention_ref(
     per-head logits added to the softmax denominator (GPT-OSS).
     ``sliding_window`` is the *layer's own* window (keys with ``t - k < sw``);
     under the policy such a layer sees no sink tokens, only its short window.
+    ``sink_tokens`` / ``max_sink_tokens`` / ``k_scale`` / ``v_scale``: module docstring.
     """
-    check_args(k_cache, policy, rope)
+    check_args(k_cache, policy, rope, sink_tokens, max_sink_tokens)
     bs = k_cache.shape[1]
     if out is None:
         out = torch.empty_like(q)
+    kv_scales = (cache_scale(k_cache, k_scale), cache_scale(v_cache, v_scale))
     qsl = query_start_loc.tolist()
     lens = seq_lens.tolist()
     if policy is not None:
-        return _policy_attention(q, k_cache, v_cache, block_table, qsl, lens, scale, policy, rope, sinks,
-                                 sliding_window, out)
+        if sink_tokens is None:
+            return _policy_attention(q, k_cache, v_cache, block_table, qsl, lens, scale, policy, rope, sinks,
+                                     sliding_window, out, range(len(lens)), kv_scales)
+        per_seq = sink_tokens.tolist()
+        bound = policy.sink_tokens if max_sink_tokens is None else max_sink_tokens
+        if not all(0 <= s <= bound for s in per_seq):
+            raise ValueError(f"sink_tokens {per_seq} outside [0, max_sink_tokens={bound}]")
+        for S in sorted(set(per_seq)):  # the sequences sharing one S follow the contract with that S
+            seqs = [i for i, s in enumerate(per_seq) if s == S]
+            _policy_attention(q, k_cache, v_cache, block_table, qsl, lens, scale,
+                              dataclasses.replace(policy, sink_tokens=S), rope, sinks, sliding_window, out, seqs,
+                              kv_scales)
+        return out
     for i in range(len(lens)):
         q_lo, q_hi = qsl[i], qsl[i + 1]
         if q_hi == q_lo:
@@ -64,19 +90,52 @@ def paged_attention_ref(
             sel = (t_all // bs) == j
             rows = torch.nonzero(sel).flatten() + q_lo
             out[rows] = _block_group(q[rows], t_all[sel], j, k_cache, v_cache, block_table[i], scale,
-                                     sinks, sliding_window).to(out.dtype)
+                                     sinks, sliding_window, kv_scales).to(out.dtype)
     return out
 
 
-def check_args(k_cache: torch.Tensor, policy: SinkPolicy | None, rope: RotaryParams | None) -> None:
-    """What every implementation of this API (reference, CPU kernel, Triton) refuses."""
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+
+
+def check_args(k_cache: torch.Tensor, policy: SinkPolicy | None, rope: RotaryParams | None,
+               sink_tokens: torch.Tensor | None = None, max_sink_tokens: int | None = None) -> None:
+    """What every implementation of this API (reference, CPU kernel, Triton) refuses
+    (host metadata only: no device sync)."""
     if policy is not None and rope is None:
         raise ValueError("the streaming policy needs the layer's RotaryParams")
     if policy is not None and policy.block_size != k_cache.shape[1]:
         raise ValueError(f"policy block size {policy.block_size} != cache block size {k_cache.shape[1]}")
+    if sink_tokens is not None:
+        if policy is None:
+            raise ValueError("sink_tokens needs a policy (it is the policy's per-sequence S)")
+        if sink_tokens.dtype not in (torch.int32, torch.int64) or sink_tokens.dim() != 1:
+            raise ValueError(f"sink_tokens must be a 1-D int32/int64 tensor, got {sink_tokens.dtype} "
+                             f"{tuple(sink_tokens.shape)}")
+    if max_sink_tokens is not None and max_sink_tokens < 0:
+        raise ValueError(f"max_sink_tokens must be >= 0, got {max_sink_tokens}")
 
 
-def _block_group(q, t, j, k_cache, v_cache, table, scale, sinks, sliding_window):
+def cache_scale(cache: torch.Tensor, scale: float | torch.Tensor | None) -> float:
+    """The factor a cache's values are read with: ``scale`` for an fp8 cache; any other
+    cache is read as stored, so its scale must be 1 (vLLM's default)."""
+    value = 1.0 if scale is None else scale_value(scale)
+    if value != 1.0 and cache.dtype not in FP8_DTYPES:
+        raise ValueError(f"k_scale/v_scale {value} given for a {cache.dtype} cache (only fp8 caches are scaled)")
+    return value
+
+
+def _read(cache: torch.Tensor, phys: torch.Tensor, scale: float) -> torch.Tensor:
+    """Blocks ``phys`` of a cache as float32, dequantized (``x.float() * scale``)."""
+    x = cache[phys].float()
+    return x if scale == 1.0 else x * scale
+
+
+def scale_value(scale: float | torch.Tensor) -> float:
+    """A k/v scale as a host float (a host sync for a device tensor: reference only)."""
+    return float(scale.reshape(-1)[0]) if isinstance(scale, torch.Tensor) else float(scale)
+
+
+def _block_group(q, t, j, k_cache, v_cache, table, scale, sinks, sliding_window, kv_scales):
     """Plain causal paged attention (no policy) for queries ``q`` [Q, Hq, D] at positions
     ``t``, all in logical block ``j``: every block ``0..j`` (the layer's own window aside)."""
     bs = k_cache.shape[1]
@@ -86,8 +145,8 @@ def _block_group(q, t, j, k_cache, v_cache, table, scale, sinks, sliding_window)
         blocks = [b for b in blocks if b >= lo]
     blk = torch.tensor(blocks, device=q.device)
     phys = table[blk].long()
-    k = k_cache[phys].float()  # [nb, bs, Hkv, D]
-    v = v_cache[phys].float()
+    k = _read(k_cache, phys, kv_scales[0])  # [nb, bs, Hkv, D]
+    v = _read(v_cache, phys, kv_scales[1])
     group = q.shape[1] // k.shape[2]
     k = k.repeat_interleave(group, dim=2)
     v = v.repeat_interleave(group, dim=2)
@@ -116,13 +175,13 @@ _PASS_ELEMENTS = 1 << 20
 
 
 def _policy_attention(q, k_cache, v_cache, block_table, qsl, lens, scale, policy, rope, sinks,
-                      sliding_window, out):
-    """The contract, batched: queries are grouped by (sequence, logical block) -- a
-    group shares its live blocks and per-block rotations -- and groups go through
-    ``_group_batch`` many at a time."""
+                      sliding_window, out, seqs, kv_scales):
+    """The contract for sequences ``seqs``, batched: queries are grouped by (sequence,
+    logical block) -- a group shares its live blocks and per-block rotations -- and
+    groups go through ``_group_batch`` many at a time."""
     bs, hq, d = k_cache.shape[1], q.shape[1], q.shape[2]
     groups = []  # (sequence, block j, first q row, first position, queries)
-    for i in range(len(lens)):
+    for i in seqs:
         q_lo, q_hi = qsl[i], qsl[i + 1]
         first_t = lens[i] - (q_hi - q_lo)
         for j in range(first_t // bs, (lens[i] - 1) // bs + 1) if q_hi > q_lo else ():
@@ -140,12 +199,12 @@ def _policy_attention(q, k_cache, v_cache, block_table, qsl, lens, scale, policy
         off_g = torch.minimum(off[None, :], n[:, None] - 1)  # padding repeats a group's last query
         rows = row0[:, None] + off_g
         o = _group_batch(q[rows], t0[:, None] + off_g, j, k_cache, v_cache, block_table[seq], scale,
-                         policy, rope, sinks, sliding_window)
+                         policy, rope, sinks, sliding_window, kv_scales)
         out[rows[valid]] = o[valid].to(out.dtype)
     return out
 
 
-def _group_batch(q, t, j, k_cache, v_cache, tables, scale, policy, rope, sinks, sliding_window):
+def _group_batch(q, t, j, k_cache, v_cache, tables, scale, policy, rope, sinks, sliding_window, kv_scales):
     """Groups of queries, ``q`` [G, Q, Hq, D] at positions ``t`` [G, Q], group ``g`` all in
     logical block ``j[g]`` of the sequence whose block table is ``tables[g]``. Each group
     reads ``Sb + Wb + 1`` block columns: its live blocks (a dense group's unused columns
@@ -160,8 +219,8 @@ def _group_batch(q, t, j, k_cache, v_cache, tables, scale, policy, rope, sinks, 
     blk = torch.where(used, blk, 0)
     nb = blk.shape[1]
     phys = torch.gather(tables.long(), 1, blk)
-    k = k_cache[phys].float()  # [G, nb, bs, Hkv, D]
-    v = v_cache[phys].float()
+    k = _read(k_cache, phys, kv_scales[0])  # [G, nb, bs, Hkv, D]
+    v = _read(v_cache, phys, kv_scales[1])
 
     delta = torch.where(blk < policy.sink_blocks, 0, policy.query_delta(j[:, None], blk))  # 0 when dense
     qb = rotate(q[:, None].expand(G, nb, Q, hq, d), delta[:, :, None], rope)  # [G, nb, Q, Hq, D]

@@ -163,9 +163,9 @@ if triton is not None:
     @triton.jit
     def _sink_attn_kernel(
         q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr,
-        bt_ptr, qsl_ptr, seq_lens_ptr, inv_freq_ptr, sinks_ptr, mask_ptr,
+        bt_ptr, qsl_ptr, seq_lens_ptr, inv_freq_ptr, sinks_ptr, mask_ptr, seq_sinks_ptr,
         num_seqs, num_splits, qk_scale,
-        sink_tokens, sink_blocks, window_blocks, sliding_window,
+        sink_tokens, window_blocks, sliding_window,
         s_qt, s_qh, s_qd,
         s_kb, s_kn, s_kh, s_kd,
         s_vb, s_vn, s_vh, s_vd,
@@ -178,7 +178,7 @@ if triton is not None:
         HEAD_D: tl.constexpr, D_PAD: tl.constexpr,
         RH: tl.constexpr, RH_PAD: tl.constexpr, NEOX: tl.constexpr, DR: tl.constexpr, DR_PAD: tl.constexpr,
         USE_POLICY: tl.constexpr, USE_SINKS: tl.constexpr, USE_SW: tl.constexpr,
-        USE_MASK: tl.constexpr, SPLIT: tl.constexpr, IEEE: tl.constexpr,
+        USE_MASK: tl.constexpr, SPLIT: tl.constexpr, IEEE: tl.constexpr, PER_SEQ_S: tl.constexpr,
     ):
         pid = tl.program_id(0)
         kvh = tl.program_id(1)
@@ -250,6 +250,9 @@ if triton is not None:
         #   v in [0, n_sink): sink block v;  v >= n_sink: block w_lo + (v - n_sink)
         n_sink = j * 0
         w_lo = j * 0
+        if PER_SEQ_S:  # this sequence's own S: the contract with it (its Sb, switch, ws)
+            sink_tokens = tl.load(seq_sinks_ptr + seq).to(tl.int32)
+        sink_blocks = (sink_tokens + BS - 1) // BS
         if USE_POLICY:
             streaming = j > sink_blocks + window_blocks
             ws_j = tl.where(streaming, (j - window_blocks) * BS, sink_tokens)
@@ -393,6 +396,8 @@ def paged_attention(
     num_splits: int | None = None,
     seq_mask: torch.Tensor | None = None,
     workspace: torch.Tensor | None = None,
+    sink_tokens: torch.Tensor | None = None,
+    max_sink_tokens: int | None = None,
 ) -> torch.Tensor:
     """Triton version of :func:`paged_attention_ref` (same arguments, same result).
 
@@ -409,10 +414,15 @@ def paged_attention(
     the split-KV partials live (:func:`workspace_elems` says how big), so a
     CUDA-graph-captured step allocates nothing; without it they are allocated.
 
+    ``sink_tokens`` (int32/int64 ``[num_seqs]``, on the device): each sequence's own
+    ``S``, read in the kernel; ``max_sink_tokens`` (host int, default the policy's)
+    bounds it for sizing. Values above it are not checked (that would sync).
+
     Host work only: no device->host copy, no data-dependent shape, so a call
     with the same shapes can be captured in a CUDA graph and replayed.
     """
-    check_args(k_cache, policy, rope)
+    check_args(k_cache, policy, rope, sink_tokens, max_sink_tokens)
+    sink_tokens_per_seq = sink_tokens
     num_tokens, hq, head_d = q.shape
     _, bs, hkv, kd = k_cache.shape
     if v_cache.shape != k_cache.shape or kd != head_d or hq % hkv:
@@ -444,12 +454,16 @@ def paged_attention(
             raise ValueError(f"bad rotary_dim {rot} for head size {head_d}")
         rh, neox = rot // 2, bool(rope.is_neox_style)
         inv_freq = _device_inv_freq(rope, q.device)
-        sink_tokens, sink_blocks, window_blocks = policy.sink_tokens, policy.sink_blocks, policy.window_blocks
-        max_pages = policy.dense_blocks
+        sink_tokens, window_blocks = policy.sink_tokens, policy.window_blocks
+        # live pages of the longest-sinked sequence (sizes the KV splits; host ints only)
+        max_s = policy.sink_tokens if max_sink_tokens is None else max_sink_tokens
+        max_pages = -(-max_s // bs) + window_blocks + 1
+        if sink_tokens_per_seq is not None and sink_tokens_per_seq.device != q.device:
+            raise ValueError(f"sink_tokens must be on {q.device} (got {sink_tokens_per_seq.device})")
     else:
         rh, neox = head_d // 2, True
         inv_freq = q  # unused
-        sink_tokens = sink_blocks = window_blocks = 0
+        sink_tokens = window_blocks = 0
         max_pages = block_table.shape[1]
     dr = head_d - 2 * rh
     if sliding_window is not None:
@@ -479,14 +493,16 @@ def paged_attention(
         _sink_attn_kernel, (grid0, hkv, num_splits),
         q, k_cache, v_cache, dst, lse,
         block_table, query_start_loc, seq_lens, inv_freq, sinks if sinks is not None else q, mask,
+        seq_lens if sink_tokens_per_seq is None else sink_tokens_per_seq,
         num_seqs, num_splits, float(scale) * _LOG2E,
-        sink_tokens, sink_blocks, window_blocks, sliding_window or 0,
+        sink_tokens, window_blocks, sliding_window or 0,
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *s_o, *s_l, *block_table.stride(),
         BS=bs, G=group, G_PAD=g_pad, BLOCK_Q=block_q, BLOCK_M=block_m, NSUBQ=nsubq, SLOT_MODE=slot_mode,
         TILE_N=tile_n, N_SUB=n_sub, HEAD_D=head_d, D_PAD=max(16, _next_pow2(head_d)),
         RH=rh, RH_PAD=max(16, _next_pow2(rh)), NEOX=neox, DR=dr, DR_PAD=max(16, _next_pow2(dr)),
         USE_POLICY=policy is not None, USE_SINKS=sinks is not None, USE_SW=sliding_window is not None,
         USE_MASK=seq_mask is not None, SPLIT=split, IEEE=q.dtype == torch.float32 or _INTERPRETED,
+        PER_SEQ_S=sink_tokens_per_seq is not None,
         num_warps=num_warps, num_stages=3 if block_q == 1 else 2,
     )
     if split:

@@ -16,8 +16,10 @@ import torch
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from oracle import Contract
+from oracle import Contract, oracle_attention
 from test_core_properties import attention_cases, build_paged_case, run_oracle, run_ref
+
+from streaming_sink.reference_attention import paged_attention_ref
 
 from streaming_sink.cpu_attention import paged_attention_cpu, rotation_table
 from streaming_sink.policy import SinkPolicy
@@ -162,3 +164,94 @@ def test_reference_fallback_keeps_other_rows():
                              RotaryParams(pc["inv32"], case["rot"], case["neox"]), pc["sinks"], None, got, ids, None)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert (got[pc["qsl"][1]:pc["qsl"][2]] == 7.0).all()
+
+
+# ----------------------------------------------------------------------------
+# Per-sequence sink lengths (issue 23): one batch, each sequence its own S
+# ----------------------------------------------------------------------------
+DEFAULT_S = 4  # the policy's own sink_tokens in these cases (the server default)
+
+
+def build_mixed_case(seqs, *, bs=4, wb=2, hkv=1, group=2, D=32, rot=32, neox=True, learned=True, sw=None,
+                     seed=0):
+    """One step over sequences ``[(seq_len, q_len, S), ...]``: each built by the harness
+    with its own Contract (positions written at its own pos(t), stale NaN ids in its own
+    gap), then put in one shuffled cache and table. Returns (case, pc, contracts)."""
+    parts = []
+    for n, (L, q_len, S) in enumerate(seqs):
+        case = dict(c=Contract(S, bs, wb), seqs=[(L, q_len)], hkv=hkv, group=group, D=D, rot=rot, neox=neox,
+                    base=10000.0, learned=learned, sw=sw, seed=seed + n)
+        parts.append(build_paged_case(case))
+    width = max(p["table"].shape[1] for p in parts)
+    tables, off = [], 0
+    for p in parts:  # each part's blocks after the previous parts'; padding: the part's own stale id
+        t = p["table"] + off
+        tables.append(torch.cat([t, t[:, -1:].expand(1, width - t.shape[1])], dim=1))
+        off += p["k_cache"].shape[0]
+    q_lens = [len(p["seqs"][0]["queries"]) for p in parts]
+    pc = dict(seqs=[p["seqs"][0] for p in parts], q=torch.cat([p["q"] for p in parts]),
+              k_cache=torch.cat([p["k_cache"] for p in parts]), v_cache=torch.cat([p["v_cache"] for p in parts]),
+              table=torch.cat(tables), qsl=torch.tensor([0] + q_lens).cumsum(0).to(torch.int32),
+              seq_lens=torch.cat([p["seq_lens"] for p in parts]), inv32=parts[0]["inv32"],
+              inv64=parts[0]["inv64"], sinks=parts[0]["sinks"])
+    case = dict(c=Contract(DEFAULT_S, bs, wb), seqs=[(L, q) for L, q, _ in seqs], hkv=hkv, group=group, D=D,
+                rot=rot, neox=neox, base=10000.0, learned=learned, sw=sw, seed=seed)
+    sink_tokens = torch.tensor([S for *_, S in seqs], dtype=torch.int32)
+    return case, pc, sink_tokens
+
+
+def run_mixed_oracle(case, pc, sink_tokens):
+    """The float64 oracle, each sequence under the contract with its own S."""
+    c = case["c"]
+    return torch.cat([oracle_attention(s["q"], s["k"], s["v"], contract=Contract(int(S), c.block_size, c.window_blocks),
+                                       inv_freq=pc["inv64"], rotary_dim=case["rot"], neox=case["neox"],
+                                       sinks=pc["sinks"], sliding_window=case["sw"], query_positions=s["queries"])
+                      for s, S in zip(pc["seqs"], sink_tokens.tolist())])
+
+
+# bs 4, Wb 2 (W = 8): S = 0, 6 (not a multiple of bs), 13 (> the window), 4 (the default), each with
+# a decode below / across / past its own switch (dense_tokens 12, 20, 28, 16) and a prefill chunk.
+MIXED_SEQS = [(40, 1, 0), (13, 5, 0), (21, 1, 6), (55, 9, 6), (29, 29, 13), (80, 1, 13), (31, 3, 13),
+              (50, 3, 4), (10, 1, 4), (17, 1, 4)]
+
+
+@pytest.mark.parametrize("variant", [dict(), dict(neox=False, rot=16, group=1, hkv=2, learned=False),
+                                     dict(sw=6, seed=7), dict(bs=3, wb=3, group=4, seed=11)])
+def test_per_seq_sinks_reference_and_kernel_match_oracle(variant):
+    case, pc, S = build_mixed_case(MIXED_SEQS, **variant)
+    want = run_mixed_oracle(case, pc, S)
+    for fn in (paged_attention_ref, paged_attention_cpu):
+        got = run_ref(case, pc, fn=fn, sink_tokens=S, max_sink_tokens=13)
+        assert torch.isfinite(got).all(), f"{fn.__name__} read a stale (NaN) block"
+        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4, msg=fn.__name__)
+    # The kernel in vLLM's CPU layout, int64 S, only some sequences (S indexed by sequence).
+    got = run_kernel(case, pc, k_cache=dim_major(pc["k_cache"]), sink_tokens=S.long(), max_sink_tokens=13)
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4)
+    out = torch.full_like(pc["q"], 7.0)
+    ids = torch.tensor([1, 4, 7])
+    run_kernel(case, pc, out=out, seq_ids=ids, sink_tokens=S, max_sink_tokens=13)
+    qsl = pc["qsl"].tolist()
+    for i in range(len(MIXED_SEQS)):
+        rows = slice(qsl[i], qsl[i + 1])
+        if i in ids:
+            torch.testing.assert_close(out[rows].double(), want[rows], rtol=1e-4, atol=1e-4)
+        else:
+            assert (out[rows] == 7.0).all()
+
+
+def test_per_seq_sinks_default_equals_policy():
+    """A tensor holding the policy's own S for every sequence == sink_tokens=None, bit for bit."""
+    case, pc, S = build_mixed_case([(L, q, DEFAULT_S) for L, q, _ in MIXED_SEQS], seed=3)
+    for fn in (paged_attention_ref, paged_attention_cpu):
+        assert torch.equal(run_ref(case, pc, fn=fn, sink_tokens=S), run_ref(case, pc, fn=fn))
+
+
+def test_per_seq_sinks_refusals():
+    case, pc, S = build_mixed_case(MIXED_SEQS[:3])
+    for fn in (paged_attention_ref, paged_attention_cpu):
+        with pytest.raises(ValueError, match="max_sink_tokens"):
+            run_ref(case, pc, fn=fn, sink_tokens=S)  # 6 > the bound (policy's 4)
+        with pytest.raises(ValueError, match="sink_tokens needs a policy"):
+            run_ref(case, pc, fn=fn, sink_tokens=S, policy=None, rope=None)
+        with pytest.raises(ValueError, match="int32/int64"):
+            run_ref(case, pc, fn=fn, sink_tokens=S.float(), max_sink_tokens=13)

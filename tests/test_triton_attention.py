@@ -16,6 +16,7 @@ read outside the contract shows up as NaN in the output.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import multiprocessing
 import os
@@ -77,17 +78,21 @@ class Case:
 
     def __init__(self, seqs, *, bs=4, sink_tokens=4, window_blocks=3, policy_on=True, hq=4, hkv=2,
                  d=16, rotary_dim=None, neox=True, dtype=torch.float32, learned_sinks=False,
-                 sliding_window=None, hnd=False, seed=0, q_strided=False):
+                 sliding_window=None, hnd=False, seed=0, q_strided=False, seq_sinks=None):
+        """``seq_sinks``: each sequence's own S (the kernels' ``sink_tokens``), else the policy's."""
         g = torch.Generator().manual_seed(seed)  # metadata
         gd = torch.Generator(device=DEV).manual_seed(seed)  # bulk data, made on the device
         self.policy = SinkPolicy(sink_tokens, window_blocks * bs, bs) if policy_on else None
         self.rope = RotaryParams.default(rotary_dim or d, base=100.0, is_neox_style=neox)
         self.sliding_window, self.scale, self.dtype = sliding_window, d ** -0.5, dtype
+        self.seq_sinks = None if seq_sinks is None else torch.tensor(seq_sinks, dtype=torch.int32, device=DEV)
+        self.max_sink_tokens = None if seq_sinks is None else max(seq_sinks)
         lens = [s for s, _ in seqs]
         keys = []  # per seq: bool [blocks, bs], the keys this step attends
-        for seq_len, q_len in seqs:
+        for i, (seq_len, q_len) in enumerate(seqs):
             nb = -(-seq_len // bs)
-            m = attended_keys(self.policy, bs, seq_len, q_len, sliding_window)
+            policy = self.policy if seq_sinks is None else dataclasses.replace(self.policy, sink_tokens=seq_sinks[i])
+            m = attended_keys(policy, bs, seq_len, q_len, sliding_window)
             keys.append(torch.nn.functional.pad(m, (0, nb * bs - seq_len)).view(nb, bs))
         n_stale = 3  # physical blocks 0..2: stale (NaN), what the gap and the tail point at
         n_live = sum(int(k.any(1).sum()) for k in keys)
@@ -126,9 +131,12 @@ class Case:
         f = lambda x: x.float()  # noqa: E731
         return paged_attention_ref(
             f(self.q), f(self.kv["k"][0]), f(self.kv["v"][0]), self.block_table, self.query_start_loc,
-            self.seq_lens, self.scale, self.policy, self.rope, self.sinks, self.sliding_window)
+            self.seq_lens, self.scale, self.policy, self.rope, self.sinks, self.sliding_window,
+            sink_tokens=self.seq_sinks, max_sink_tokens=self.max_sink_tokens)
 
     def run_kernel(self, out=None, **kw):
+        if self.seq_sinks is not None:
+            kw = dict(dict(sink_tokens=self.seq_sinks, max_sink_tokens=self.max_sink_tokens), **kw)
         return ta.paged_attention(
             self.q, self.kv["k"][1], self.kv["v"][1], self.block_table, self.query_start_loc,
             self.seq_lens, self.scale, self.policy, self.rope, self.sinks, self.sliding_window, out, **kw)
@@ -340,6 +348,52 @@ def api_body():
 
 def test_api(run):
     run(api_body)
+
+
+# ----------------------------------------------------------------------------
+# Per-sequence sink lengths (issue 23)
+# ----------------------------------------------------------------------------
+def per_seq_sinks_seqs(bs=4, wb=3):
+    """(seq_len, q_len, S): S = 0, 6 (not a multiple of bs), 17 (> the 12-token window),
+    4 (the policy's default); a decode at or just past each one's own switch, a deep one, a chunk."""
+    out = []
+    for S in (0, 6, 17, 4):
+        dt = dense_tokens(bs, S, wb)
+        out += [(dt - 1 + 2 * (S % 2), 1, S), (3 * dt + 2, 1, S), (2 * dt + 3, 5, S)]
+    return out
+
+
+def per_seq_sinks_body(num_splits, masked, learned_sinks, sliding_window):
+    seqs = per_seq_sinks_seqs()
+    if num_splits == 1 and not masked:  # prefill tiles too: a whole prompt across each switch
+        seqs += [(dense_tokens(4, S, 3) + 6, dense_tokens(4, S, 3) + 6, S) for S in (6, 17)]
+    else:  # decode only (the capture-safe path)
+        seqs = [(L, 1, S) for L, _, S in seqs]
+    case = Case([(L, q) for L, q, _ in seqs], seq_sinks=[S for *_, S in seqs], learned_sinks=learned_sinks,
+                sliding_window=sliding_window, seed=90 + num_splits)
+    ws = torch.empty(1 << 16, dtype=torch.float32, device=DEV) if masked else None
+    mask = torch.tensor([i % 3 != 1 for i in range(len(seqs))], dtype=torch.int32, device=DEV) if masked else None
+    sentinel = torch.full_like(case.q, 7.0)
+    out = case.run_kernel(out=sentinel.clone(), num_splits=num_splits, seq_mask=mask, workspace=ws,
+                          max_query_len=1 if masked else None)
+    ref = case.run_ref()
+    assert torch.isfinite(ref).all()
+    qsl = case.query_start_loc.tolist()
+    for i in range(len(seqs)):
+        rows = slice(qsl[i], qsl[i + 1])
+        if mask is None or mask[i]:
+            err = ((out[rows].float() - ref[rows]).norm() / max(ref[rows].norm(), 1e-30)).item()
+            assert err < 1e-5, (seqs[i], err)
+        else:
+            assert torch.equal(out[rows], sentinel[rows]), i
+
+
+@pytest.mark.parametrize("num_splits, masked, learned_sinks, sliding_window",
+                         [(1, False, True, None), (3, True, True, None), (1, False, False, 6)])
+def test_per_seq_sink_tokens(run, num_splits, masked, learned_sinks, sliding_window):
+    """A mixed batch, each sequence its own S, vs the reference; with KV splits, a
+    sequence mask and a caller's workspace (the capture-safe decode call)."""
+    run(per_seq_sinks_body, num_splits, masked, learned_sinks, sliding_window)
 
 
 # ----------------------------------------------------------------------------

@@ -35,6 +35,8 @@ struct Policy {
   int64_t S, Sb, Wb, bs;
   bool streaming(int64_t j) const { return on && j > Sb + Wb; }
   int64_t ws(int64_t j) const { return streaming(j) ? (j - Wb) * bs : S; }  // window start
+  // The same window with a sequence's own sink length (per-request sinks).
+  Policy with_sinks(int64_t s) const { return Policy{on, s, (s + bs - 1) / bs, Wb, bs}; }
 };
 
 struct Item {  // the queries of one sequence that sit in one logical block j
@@ -349,6 +351,7 @@ void run_item(const Item& it, int64_t h, const Policy& P, const Rope* rope, cons
 // query_start_loc [seqs + 1], seq_lens [seqs] int64.
 // window_blocks < 0: no policy. rope_table [(Wb + 1), half, 2] + inv_freq [half] float32.
 // seq_ids: only these sequences' rows are computed (the others' rows are left untouched).
+// seq_sinks [seqs] int64: each sequence's own sink length (None: sink_tokens for all).
 void paged_attention(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cache,
                      const at::Tensor& v_cache, const at::Tensor& block_table,
                      const c10::optional<at::Tensor>& table_rows, const at::Tensor& query_start_loc,
@@ -356,7 +359,8 @@ void paged_attention(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_c
                      int64_t sink_tokens, int64_t window_blocks,
                      const c10::optional<at::Tensor>& rope_table, const c10::optional<at::Tensor>& inv_freq,
                      int64_t rotary_dim, bool neox, const c10::optional<at::Tensor>& sinks,
-                     int64_t sliding_window, const c10::optional<at::Tensor>& seq_ids) {
+                     int64_t sliding_window, const c10::optional<at::Tensor>& seq_ids,
+                     const c10::optional<at::Tensor>& seq_sinks) {
   TORCH_CHECK(q.scalar_type() == out.scalar_type() &&
               (q.scalar_type() == at::kFloat || q.scalar_type() == k_cache.scalar_type()),
               "q/out: float32 or the cache's dtype");
@@ -387,6 +391,14 @@ void paged_attention(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_c
   }
   const int64_t* qsl = query_start_loc.data_ptr<int64_t>();
   const int64_t* lens = seq_lens.data_ptr<int64_t>();
+  const int64_t* seq_S = nullptr;
+  if (seq_sinks.has_value()) {
+    TORCH_CHECK(P.on, "seq_sinks needs the policy");
+    TORCH_CHECK(seq_sinks->scalar_type() == at::kLong && seq_sinks->is_contiguous() &&
+                seq_sinks->numel() == seq_lens.numel(), "seq_sinks: int64 [seqs]");
+    seq_S = seq_sinks->data_ptr<int64_t>();
+    for (int64_t i = 0; i < seq_sinks->numel(); ++i) TORCH_CHECK(seq_S[i] >= 0, "sink_tokens must be >= 0");
+  }
   std::vector<int64_t> seqs;
   if (seq_ids.has_value()) {
     const int64_t* ids = seq_ids->data_ptr<int64_t>();
@@ -417,9 +429,11 @@ void paged_attention(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_c
     auto run = [&](auto* qp, auto* op) {
       at::parallel_for(0, n_work, 1, [&](int64_t begin, int64_t end) {
         std::vector<float> buf;
-        for (int64_t w = begin; w < end; ++w)
-          run_item(items[w / Hkv], w % Hkv, P, P.on ? &rope : nullptr, C, qp, op, Hq * D, Hq, Hkv, D,
-                   table, sink_ptr, sliding_window, static_cast<float>(scale), buf);
+        for (int64_t w = begin; w < end; ++w) {
+          const Item& it = items[w / Hkv];
+          run_item(it, w % Hkv, seq_S ? P.with_sinks(seq_S[it.seq]) : P, P.on ? &rope : nullptr, C, qp, op,
+                   Hq * D, Hq, Hkv, D, table, sink_ptr, sliding_window, static_cast<float>(scale), buf);
+        }
       });
     };
     if (q.scalar_type() == at::kFloat) run(q.data_ptr<float>(), out.data_ptr<float>());
@@ -433,7 +447,7 @@ TORCH_LIBRARY(streaming_sink, m) {
   m.def("paged_attention(Tensor(a!) out, Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_table, "
         "Tensor? table_rows, Tensor query_start_loc, Tensor seq_lens, float scale, int sink_tokens, int window_blocks, "
         "Tensor? rope_table, Tensor? inv_freq, int rotary_dim, bool neox, Tensor? sinks, "
-        "int sliding_window, Tensor? seq_ids) -> ()");
+        "int sliding_window, Tensor? seq_ids, Tensor? seq_sinks) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(streaming_sink, CPU, m) { m.impl("paged_attention", &paged_attention); }
