@@ -13,6 +13,7 @@ when it starts the server) and their share of the prompt.
 
     .venv/bin/python examples/chat_session.py                          # starts the server: SmolLM2
     .venv/bin/python examples/chat_session.py --system-prompt-as-sink  # the system prompt is the sink
+    .venv/bin/python examples/chat_session.py --sessions 2 --turns 12 --probe-unpinned  # two system prompts
     .venv/bin/python examples/chat_session.py --base-url http://127.0.0.1:8000 --turns 10
 
 User messages are consecutive passages of Austen's *Emma* (the offline corpus of
@@ -20,12 +21,20 @@ User messages are consecutive passages of Austen's *Emma* (the offline corpus of
 words instead (no corpus needed). Replies are ``--reply-tokens`` long at most (``--ignore-eos``:
 exactly), temperature 0 by default.
 
-The system prompt as the attention sink (``--system-prompt-as-sink``): the script measures the
-system turn's length in tokens as the chat template renders it and starts the server with
-``--sink-tokens`` = that length, so the system prompt's KV stays in the cache for the whole session
-(the model keeps seeing its instructions however far the chat goes) and its full KV blocks are
-computed once and shared by every session that starts with it. With ``--base-url`` it prints the
-``--sink-tokens`` value the server should run with. More: docs/chat-sessions.md.
+The system prompt as the attention sink (``--system-prompt-as-sink``): the server starts with
+``--sink-tokens system``, so each chat request's sinks are its own rendered system turn: the system
+prompt's KV stays in the cache for the whole session (the model keeps seeing its instructions
+however far the chat goes) and its full KV blocks are computed once and shared by every session
+that starts with it. The script prints the system turn's length in tokens (what the server pins).
+With a vLLM plugin older than per-request sinks it starts ``--sink-tokens`` = that length instead
+(one system prompt per server).
+
+Two system prompts on one server (``--sessions 2``, implies ``--system-prompt-as-sink``): two
+sessions at once, each with its own system prompt (by default two personas, "Oliver" and "Clara";
+``--system-prompt`` twice for your own), each pinned to its own system turn. At the end each
+session is asked ``--probe`` (default "What is your name?" for the default personas) past the
+window; ``--probe-unpinned`` asks it again with ``vllm_xargs: {"sink_tokens": 4}`` (StreamingLLM's
+4 sinks: the system prompt has left the window), to compare. More: docs/chat-sessions.md.
 
 Default model: the embedded SmolLM2-135M-Instruct (8192-token context), prepared on first use.
 Options this script does not know (``--dtype``, ``--block-size``, ``--no-enable-prefix-caching``,
@@ -36,6 +45,7 @@ share per turn) and ``server.log`` in ``~/.cache/streaming-sink/chat`` (or ``--o
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -43,6 +53,7 @@ import random
 import re
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -57,6 +68,14 @@ DEFAULT_SYSTEM = (
     "you, one passage at a time. After each passage, answer the user's question about it in two or "
     "three plain sentences: who is speaking, what they want, and what it tells us about them. Never "
     "invent events that are not in the passage.")
+# --sessions 2 without --system-prompt: two personas, each asked its name at the end.
+PERSONAS = [
+    (DEFAULT_SYSTEM + " Your name is Oliver.", "Oliver"),
+    ("You are Clara, a strict literature teacher. The user is reading Jane Austen's novel Emma aloud to "
+     "you, one passage at a time. After each passage, ask the user one short question that checks "
+     "whether they understood it, and never give the answer away.", "Clara"),
+]
+NAME_PROBE = "What is your name?"
 QUESTIONS = [
     "What is happening in this passage?",
     "Who speaks here, and what do they want?",
@@ -294,10 +313,17 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--text", choices=["austen", "random"], default="austen",
                     help="user messages: passages of an Austen novel (default) or seeded random words")
     ap.add_argument("--book", default="emma", help="Austen novel for --text austen (default emma)")
-    ap.add_argument("--system-prompt", default=DEFAULT_SYSTEM, help="the system prompt ('' for none)")
+    ap.add_argument("--system-prompt", action="append",
+                    help="the system prompt ('' for none); twice with --sessions 2: one per session")
     ap.add_argument("--system-prompt-as-sink", action="store_true",
-                    help="--sink-tokens = the system turn's length in tokens (measured), so the system "
-                         "prompt is the attention sink")
+                    help="each request's sinks are its system turn: the server starts with --sink-tokens system")
+    ap.add_argument("--sessions", type=int, choices=[1, 2], default=1,
+                    help="2: two sessions at once on one server, each with its own system prompt pinned as its "
+                         "sink (implies --system-prompt-as-sink)")
+    ap.add_argument("--probe", help="after the last turn, ask each session this (default with the default "
+                                    f"personas of --sessions 2: {NAME_PROBE!r})")
+    ap.add_argument("--probe-unpinned", action="store_true",
+                    help="ask --probe again with vllm_xargs sink_tokens=4 (the system prompt out of the window)")
     ap.add_argument("--sink-tokens", type=int, default=4, help="attention-sink tokens (default 4)")
     ap.add_argument("--sink-window", type=int, default=1024,
                     help="window tokens, a multiple of the KV block size (default 1024)")
@@ -313,11 +339,22 @@ def parser() -> argparse.ArgumentParser:
     return ap
 
 
+def per_request_sinks() -> bool:
+    """Whether this streaming-sink takes ``--sink-tokens system`` (per-request sinks, issue 23)."""
+    try:
+        from streaming_sink import request_sinks  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def main() -> None:
     ap = parser()
     args, serve_args = ap.parse_known_args()
     if args.base_url and serve_args:
         ap.error(f"unknown options {serve_args} (with --base-url nothing goes to `vllm serve`)")
+    if args.sessions == 2:
+        args.system_prompt_as_sink = True
     from streaming_sink_tools import prepare
 
     term = Terminal()
@@ -342,20 +379,49 @@ def main() -> None:
         sys.exit(f"--model {model}: not a folder (the server runs offline)")
     tokens = Tokens(tok, base, model)
     ctx = model_context(model)
-    system = args.system_prompt
 
+    # The sessions' system prompts (and the name each persona should answer the probe with).
+    given = args.system_prompt or []
+    if len(given) > args.sessions:
+        ap.error(f"--system-prompt given {len(given)} times for {args.sessions} session(s)")
+    if args.sessions == 2 and not given:
+        systems, expected = [p for p, _ in PERSONAS], [n for _, n in PERSONAS]
+        args.probe = args.probe or NAME_PROBE
+    else:
+        systems = given + [DEFAULT_SYSTEM] * (args.sessions - len(given))
+        expected = [None] * args.sessions
+    if args.sessions == 2 and len(set(systems)) == 1:
+        ap.error("--sessions 2 needs two different system prompts (give --system-prompt twice)")
+    if args.probe_unpinned and not args.probe:
+        ap.error("--probe-unpinned needs --probe")
+
+    system_mode = False
     if args.system_prompt_as_sink:
-        if not system:
-            ap.error("--system-prompt-as-sink needs a --system-prompt")
-        if tok is None:
-            n = server_system_tokens(base, model, system)
-            if n is None:
-                sys.exit("cannot count the system prompt's tokens: no local tokenizer and no /tokenize")
+        if not all(systems):
+            ap.error("--system-prompt-as-sink needs a system prompt")
+        counts = []
+        for system in systems:
+            if tok is None:
+                n = server_system_tokens(base, model, system)
+                if n is None:
+                    sys.exit("cannot count the system prompt's tokens: no local tokenizer and no /tokenize")
+            else:
+                n = system_turn_tokens(tok, system)
+            counts.append(n)
+        system_mode = per_request_sinks()
+        if system_mode:
+            for i, n in enumerate(counts):
+                print(f"system prompt as the sink: session {'AB'[i]}'s system turn is {n} tokens: the server "
+                      f"pins each request's own system turn (--sink-tokens system)"
+                      + (" -- start the server with it" if base else ""))
         else:
-            n = system_turn_tokens(tok, system)
-        args.sink_tokens = n
-        print(f"system prompt as the sink: the system turn is {n} tokens -> --sink-tokens {n}"
-              + ("" if not base else " (start the server with it; this script cannot change a running one)"))
+            if len(set(counts)) > 1:
+                sys.exit(f"this streaming-sink has one --sink-tokens per server, and the system turns are "
+                         f"{counts} tokens: update it for per-request sinks (--sink-tokens system)")
+            args.sink_tokens = counts[0]
+            print(f"system prompt as the sink: the system turn is {counts[0]} tokens -> --sink-tokens {counts[0]}"
+                  + ("" if not base else " (start the server with it; this script cannot change a running one)"))
+        args.sink_counts = counts
 
     # The session's turns and its length (for max_model_len and the text to prepare).
     per_turn = args.user_tokens + args.reply_tokens + 12  # + the template's turn markers
@@ -370,29 +436,43 @@ def main() -> None:
         args.max_model_len = 1 << max(16, math.ceil(math.log2(session_tokens * 1.25)))
 
     print(f"model    {model}" + (f"  (context {ctx:,} tokens)" if ctx else ""))
-    print(f"session  {n_turns} turns: user messages of ~{args.user_tokens} tokens "
+    print(f"session  {args.sessions} x {n_turns} turns: user messages of ~{args.user_tokens} tokens "
           f"({'Austen, ' + args.book.title() if args.text == 'austen' else 'random words'}), replies of "
           f"{'exactly' if args.ignore_eos else 'at most'} {args.reply_tokens} tokens, temperature {args.temperature}"
           + (f"; ~{session_tokens:,} tokens = {session_tokens / ctx:.1f}x the context" if ctx else ""))
-    if args.text == "austen":
-        msgs_text = user_messages(prepare.corpus_text(args.book), tokens, args.user_tokens, n_turns)
-    else:
-        msgs_text = random_messages(tokens, args.user_tokens, n_turns, seed=0)
+    texts = []
+    for i in range(args.sessions):  # each session its own stretch of the book
+        if args.text == "austen":
+            texts.append(user_messages(prepare.corpus_text(args.book), tokens, args.user_tokens, n_turns,
+                                       skip=i * n_turns))
+        else:
+            texts.append(random_messages(tokens, args.user_tokens, n_turns, seed=i))
 
     proc = None
+    sessions = []
     try:
         if base is None:
+            if system_mode:
+                args.sink_tokens = "system"
             proc, base, log, _ = start_server(model, args, serve_args, out, term)
             started = wait_healthy(base, proc, log, term, args.timeout)
             pool, bs = kv_pool(base)
             print(f"server ready in {started:.0f} s; KV pool {pool} blocks of {bs} tokens; policy: "
-                  f"{args.sink_tokens} sink tokens + {args.sink_window}-token window")
+                  + ("each request's system turn as its sinks" if system_mode else f"{args.sink_tokens} sink tokens")
+                  + f" + {args.sink_window}-token window")
             tokens.base = base
-        if system and args.system_prompt_as_sink and tok is not None:
-            n = server_system_tokens(base, model, system)
-            if n is not None and n != args.sink_tokens:
-                print(f"WARNING: the server counts the system turn as {n} tokens, not {args.sink_tokens}")
-        turns = run_session(base, model, system, msgs_text, args, term, ctx)
+        if args.system_prompt_as_sink and tok is not None:
+            for system, n in zip(systems, args.sink_counts):
+                m = server_system_tokens(base, model, system)
+                if m is not None and m != n:
+                    print(f"WARNING: the server counts the system turn as {m} tokens, not {n}")
+        if args.sessions == 1:
+            sessions = [run_session(base, model, systems[0], texts[0], args, term, ctx)]
+        else:
+            sessions = run_sessions(base, model, systems, texts, args, ctx)
+        if args.probe:
+            for i, (system, history) in enumerate(zip(systems, sessions)):
+                ask_probe(base, model, history, args, "AB"[i] if args.sessions > 1 else "", expected[i], term)
     except KeyboardInterrupt:
         term.end_status()
         print("\ninterrupted")
@@ -400,14 +480,16 @@ def main() -> None:
     finally:
         if proc is not None:
             stop(proc)
-    summarize(turns, args, ctx, out, model)
+    summarize(sessions, systems, args, ctx, out, model, system_mode)
 
 
-def run_session(base: str, model: str, system: str, user_texts: list[str], args, term: Terminal,
-                ctx: int | None) -> list[dict]:
+def run_session(base: str, model: str, system: str, user_texts: list[str], args, term: Terminal | None,
+                ctx: int | None, label: str = "", lock: threading.Lock | None = None) -> dict:
+    """One session, turn after turn; returns {"turns": per-turn records, "history": the messages}."""
     history: list[dict] = [{"role": "system", "content": system}] if system else []
     turns = []
-    print("-" * 100)
+    if not label:
+        print("-" * 100)
     for k, text in enumerate(user_texts, start=1):
         history.append({"role": "user", "content": text})
 
@@ -415,58 +497,125 @@ def run_session(base: str, model: str, system: str, user_texts: list[str], args,
             term.status(f"turn {k}: " + (f"replying ({n_text} pieces, {secs:.1f} s)" if answering
                                          else f"waiting for the first token ({secs:.1f} s)"))
 
-        term.status(f"turn {k}: sent")
-        r = chat_turn(base, model, history, args, on_event=status)
-        term.end_status()
+        if term:
+            term.status(f"turn {k}: sent")
+        r = chat_turn(base, model, history, args, on_event=status if term else None)
+        if term:
+            term.end_status()
         history.append({"role": "assistant", "content": r["reply"]})
         r["turn"] = k
         turns.append(r)
-        if args.show_text:
-            print(f"  user: {text[:300]}{'...' if len(text) > 300 else ''}")
-            print(f"  assistant: {r['reply']}")
-        print(row(k, r, ctx), flush=True)
+        with lock or contextlib.nullcontext():
+            if args.show_text:
+                print(f"  {label}user: {text[:300]}{'...' if len(text) > 300 else ''}")
+                print(f"  {label}assistant: {r['reply']}")
+            print((f"{label} " if label else "") + row(k, r, ctx), flush=True)
+    if not label:
+        print("-" * 100)
+    return dict(turns=turns, history=history)
+
+
+def run_sessions(base: str, model: str, systems: list[str], texts: list[list[str]], args, ctx) -> list[dict]:
+    """Sessions at once, one thread each: their turns share the server's steps (one batch)."""
+    lock = threading.Lock()
+    results: list[dict | None] = [None] * len(systems)
+    errors: list[BaseException] = []
+
+    def one(i: int) -> None:
+        try:
+            results[i] = run_session(base, model, systems[i], texts[i], args, None, ctx, label="AB"[i], lock=lock)
+        except BaseException as e:  # noqa: BLE001 (reported by the main thread)
+            errors.append(e)
+
     print("-" * 100)
-    return turns
+    threads = [threading.Thread(target=one, args=(i,), daemon=True) for i in range(len(systems))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    print("-" * 100)
+    if errors:
+        raise errors[0]
+    return results
 
 
-def summarize(turns: list[dict], args, ctx: int | None, out: Path, model: str) -> None:
-    if not turns:
+def ask_probe(base: str, model: str, session: dict, args, label: str, expected: str | None, term) -> None:
+    """The --probe question after the session's last turn: pinned (the server's system mode), and
+    with --probe-unpinned again with 4 sinks (vllm_xargs), where the system prompt has left the window."""
+    messages = session["history"] + [{"role": "user", "content": args.probe}]
+    tries = [("pinned", None)] + ([("4 sinks", {"sink_tokens": 4})] if args.probe_unpinned else [])
+    session["probe"] = {"question": args.probe, "expected": expected}
+    for name, xargs in tries:
+        body = {"model": model, "messages": messages, "max_tokens": 30, "temperature": 0}
+        if xargs:
+            body["vllm_xargs"] = xargs
+        term.status(f"session {label or 'A'}: asking {args.probe!r} ({name}; a new sink length re-prefills the "
+                    "whole history)")
+        r = requests.post(base + "/v1/chat/completions", json=body, timeout=3600)
+        term.end_status()
+        if r.status_code != 200:
+            print(f"{label} probe ({name}): the server answered {r.status_code}: {r.text[:300]}")
+            continue
+        answer = (r.json()["choices"][0]["message"]["content"] or "").strip()
+        hit = "" if expected is None else ("  [names " + expected + "]" if expected.lower() in answer.lower()
+                                           else "  [does not name " + expected + "]")
+        print(f"{label + ' ' if label else ''}probe ({name:>7}): {args.probe!r} -> {answer!r}{hit}")
+        session["probe"][name] = answer
+
+
+def summarize(sessions: list[dict], systems: list[str], args, ctx: int | None, out: Path, model: str,
+              system_mode: bool) -> None:
+    if not sessions or not sessions[0]["turns"]:
         return
-    last = turns[-1]
-    total = last["prompt_tokens"] + last["completion_tokens"]
-    later = turns[1:] or turns
-    hits = [t["hit_share"] for t in later]
-    ttft = sorted(t["ttft_s"] for t in later)
-    print(f"session  {len(turns)} turns, {total:,} tokens in the last request"
-          + (f" = {total / ctx:.2f}x the {ctx:,}-token context" if ctx else ""))
-    if all(t["cached_tokens"] is None for t in turns):
-        print("cache    the server reports no cached tokens: start it with --enable-prompt-tokens-details")
-    else:
-        print(f"cache    turns 2-{len(turns)}: {100 * sum(hits) / len(hits):.0f}% of prompt tokens served from "
-              f"the prefix cache on average (lowest {100 * min(hits):.0f}%)")
-    print(f"TTFT     turn 1 {turns[0]['ttft_s']:.2f} s; turns 2-{len(turns)}: median {ttft[len(ttft) // 2]:.2f} s, "
-          f"max {ttft[-1]:.2f} s; last turn {last['ttft_s']:.2f} s")
+    for i, sess in enumerate(sessions):
+        turns = sess["turns"]
+        label = f"[{'AB'[i]}] " if len(sessions) > 1 else ""
+        last = turns[-1]
+        total = last["prompt_tokens"] + last["completion_tokens"]
+        later = turns[1:] or turns
+        hits = [t["hit_share"] for t in later]
+        ttft = sorted(t["ttft_s"] for t in later)
+        print(f"{label}session  {len(turns)} turns, {total:,} tokens in the last request"
+              + (f" = {total / ctx:.2f}x the {ctx:,}-token context" if ctx else ""))
+        if all(t["cached_tokens"] is None for t in turns):
+            print(f"{label}cache    the server reports no cached tokens: start it with --enable-prompt-tokens-details")
+        else:
+            print(f"{label}cache    turns 2-{len(turns)}: {100 * sum(hits) / len(hits):.0f}% of prompt tokens served "
+                  f"from the prefix cache on average (lowest {100 * min(hits):.0f}%)")
+        print(f"{label}TTFT     turn 1 {turns[0]['ttft_s']:.2f} s; turns 2-{len(turns)}: median "
+              f"{ttft[len(ttft) // 2]:.2f} s, max {ttft[-1]:.2f} s; last turn {last['ttft_s']:.2f} s")
     started = not args.base_url  # with --base-url the server's own policy flags are unknown here
+    turns = sessions[0]["turns"]
     settings = dict(model=model, context=ctx, sink_tokens=args.sink_tokens if started else None,
                     sink_window=args.sink_window if started else None,
                     user_tokens=args.user_tokens, reply_tokens=args.reply_tokens, text=args.text,
-                    system_prompt=args.system_prompt, system_prompt_as_sink=args.system_prompt_as_sink,
+                    system_prompt=systems[0], system_prompt_as_sink=args.system_prompt_as_sink,
+                    per_request_sinks=system_mode, sessions=args.sessions,
                     temperature=args.temperature, ignore_eos=args.ignore_eos, base_url=args.base_url)
-    records = [{k: v for k, v in t.items() if k != "reply"} for t in turns]
-    doc = dict(settings=settings, turns=records)
+    strip = lambda ts: [{k: v for k, v in t.items() if k != "reply"} for t in ts]  # noqa: E731
+    records = strip(turns)
+    doc = dict(settings=settings, turns=records,
+               sessions=[dict(system_prompt=systems[i], system_turn_tokens=(getattr(args, "sink_counts", None)
+                                                                            or [None] * len(sessions))[i],
+                              turns=strip(s["turns"]), probe=s.get("probe")) for i, s in enumerate(sessions)])
     (out / "turns.json").write_text(json.dumps(doc, indent=1))
     if args.json:
         Path(args.json).write_text(json.dumps(doc, indent=1))
     with open(out / "turns.csv", "w") as f:
-        f.write("turn,prompt_tokens,cached_tokens,hit_share,ttft_s,completion_tokens,total_s\n")
-        for t in records:
-            f.write(f"{t['turn']},{t['prompt_tokens']},{t['cached_tokens'] if t['cached_tokens'] is not None else ''},"
-                    f"{t['hit_share']:.4f},{t['ttft_s']:.4f},{t['completion_tokens']},{t['total_s']:.4f}\n")
+        f.write("session,turn,prompt_tokens,cached_tokens,hit_share,ttft_s,completion_tokens,total_s\n")
+        for i, s in enumerate(sessions):
+            for t in strip(s["turns"]):
+                f.write(f"{'AB'[i]},{t['turn']},{t['prompt_tokens']},"
+                        f"{t['cached_tokens'] if t['cached_tokens'] is not None else ''},"
+                        f"{t['hit_share']:.4f},{t['ttft_s']:.4f},{t['completion_tokens']},{t['total_s']:.4f}\n")
+    last = turns[-1]
+    total = last["prompt_tokens"] + last["completion_tokens"]
     png = out / "turns.png"
     plot(turns, png, f"{len(turns)}-turn chat, {total:,} tokens"
                      + (f" ({total / ctx:.1f}x the context)" if ctx else "")
                      + (f"\nserver {args.base_url}" if args.base_url
-                        else f"\nstreaming-sink S={args.sink_tokens}, W={args.sink_window}"))
+                        else f"\nstreaming-sink S={args.sink_tokens}, W={args.sink_window}")
+                     + (" (session A)" if len(sessions) > 1 else ""))
     print(f"written  {out / 'turns.json'}, {out / 'turns.csv'}, {png}"
           + ("" if args.base_url else f", {out / 'server.log'}"))
 
