@@ -116,7 +116,11 @@ def _streaming_defaults(sa, architectures=()) -> None:
         ("--page-size other than 1 (eviction and attention are token-granular here)",
          kw.get("page_size") not in (None, 1)),
         ("--kv-cache-dtype (quantized KV)", kw.get("kv_cache_dtype") not in (None, "auto")),
-        ("--speculative-algorithm", kw.get("speculative_algorithm") is not None),
+        # SGLang 0.5.23's speculative workers (NGRAM included) import sgl_kernel's CUDA ops:
+        # stock SGLang on CPU, where the policy is checked, runs none of them.
+        ("--speculative-algorithm (no speculative worker of SGLang runs on CPU, where the policy "
+         "is checked; vLLM serves n-gram speculation under the policy)",
+         kw.get("speculative_algorithm") is not None),
         ("--enable-hierarchical-cache", bool(kw.get("enable_hierarchical_cache"))),
         ("--chunked-prefill-size <= 0 (a long prompt streams through the window chunk by chunk)",
          kw.get("chunked_prefill_size") is not None and kw["chunked_prefill_size"] <= 0),

@@ -26,6 +26,8 @@ LAUNCHER = [sys.executable, "-m", "sglang.launch_server"]
     (dict(kv_policy="evict-everything"), "--kv-policy"),
     (dict(kv_policy="none", sink_window=W), "--kv-policy"),  # window without the policy
     (dict(kv_cache_dtype="fp8_e4m3"), "--kv-cache-dtype"),
+    # stock SGLang on CPU cannot run it (NGRAM's worker imports sgl_kernel.speculative)
+    (dict(speculative_algorithm="NGRAM"), "--speculative-algorithm"),
     (dict(chunked_prefill_size=-1), "--chunked-prefill-size"),
     (dict(page_size=16), "--page-size"),
     # The radix cache is ours with the policy: another tree backend is refused, not overridden.
