@@ -12,8 +12,6 @@ from streaming_sink.policy import PolicyConfigError
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(speculative_config={"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 3}),
-     "does not support speculative decoding (--speculative-config)"),
     (dict(kv_transfer_config={"kv_connector": "ExampleConnector", "kv_role": "kv_both"}),
      "does not support KV transfer / disaggregated prefill (--kv-transfer-config)"),
     (dict(decode_context_parallel_size=2), "does not support decode context parallelism"),
@@ -21,6 +19,34 @@ from streaming_sink.policy import PolicyConfigError
 def test_unsupported_features_refused(tiny_llama, kwargs, message):
     with pytest.raises(PolicyConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
         make_llm(tiny_llama, policy=False, kv_policy="streaming-sink", sink_tokens=S, sink_window=W, **kwargs)
+
+
+# Speculative decoding: n-gram is served (test_vllm_spec_decode.py); a drafter with its own
+# attention layers is refused naming its method, as is one without that no test runs.
+OWN_KV = "its drafter has attention layers of its own"
+
+
+@pytest.mark.parametrize("spec, message", [
+    ({"method": "eagle", "model": "yuhuili/EAGLE-LLaMA3-Instruct-8B"}, f"method 'eagle': {OWN_KV}"),
+    ({"method": "eagle3", "model": "yuhuili/EAGLE3-LLaMA3.1-Instruct-8B"}, f"method 'eagle3': {OWN_KV}"),
+    ({"method": "mtp"}, f"method 'mtp': {OWN_KV}"),
+    ({"method": "deepseek_mtp"}, f"method 'deepseek_mtp': {OWN_KV}"),
+    ({"method": "draft_model", "model": "some/draft"}, f"method 'draft_model': {OWN_KV}"),
+    ({"method": "ngram_gpu"}, "method 'ngram_gpu': its drafter is not checked under the policy"),
+    ({"method": "suffix"}, "method 'suffix': its drafter is not checked under the policy"),
+    ({"method": "medusa", "model": "some/medusa"}, "method 'medusa': its drafter is not checked"),
+])
+def test_speculative_methods_other_than_ngram_refused(tiny_llama, spec, message):
+    """Refused from --speculative-config as given, before vLLM resolves (or downloads) a drafter."""
+    with pytest.raises(PolicyConfigError, match=r"--kv-policy streaming-sink supports --speculative-config "
+                       rf"method ngram only; {message}"):
+        make_llm(tiny_llama, speculative_config={"num_speculative_tokens": 2, **spec})
+
+
+def test_a_draft_model_without_a_method_refused_once_vllm_infers_it(tiny_llama):
+    """No "method": vLLM infers it from the draft model (a Llama: draft_model); refused then."""
+    with pytest.raises(PolicyConfigError, match=f"method 'draft_model': {OWN_KV}"):
+        make_llm(tiny_llama, speculative_config={"model": tiny_llama, "num_speculative_tokens": 2})
 
 
 def test_unchecked_vllm_version_refused(tiny_llama, monkeypatch):

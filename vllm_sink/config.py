@@ -14,7 +14,7 @@ from streaming_sink.flags import DEFAULT_STREAM_LEN, policy_from_settings, polic
 from streaming_sink.policy import SinkPolicy
 
 KEY = "streaming_sink"
-__all__ = ["DEFAULT_STREAM_LEN", "KEY", "policy_of", "settings"]  # DEFAULT_STREAM_LEN: vLLM's default max_model_len
+__all__ = ["DEFAULT_STREAM_LEN", "KEY", "decode_step_tokens", "policy_of", "settings"]  # DEFAULT_STREAM_LEN: vLLM's default max_model_len
 
 
 def settings(additional_config: dict | None) -> dict[str, Any] | None:
@@ -26,3 +26,10 @@ def settings(additional_config: dict | None) -> dict[str, Any] | None:
 def policy_of(vllm_config) -> SinkPolicy | None:
     """The resolved policy of an engine config (after startup resolution)."""
     return policy_from_settings(settings(getattr(vllm_config, "additional_config", None)))
+
+
+def decode_step_tokens(vllm_config) -> int:
+    """Tokens one decode step writes per request: 1, plus the drafts a speculative step
+    verifies (and any drafter lookahead slots): a decoding request's live-block bound is
+    ``policy.max_live_blocks`` of this."""
+    return 1 + (vllm_config.num_speculative_tokens or 0) + (vllm_config.num_lookahead_tokens or 0)

@@ -158,8 +158,8 @@ def _create_streaming_config(args, original_create, opts, *a, **kw):
 
     inner = _inner_backend_choice(args.attention_backend, args.attention_config)
     kv_layouts.check_kv_cache_dtype(args.kv_cache_dtype)  # plain floats and per-tensor fp8
+    _check_speculative(args.speculative_config)
     unsupported = [name for name, on in (
-        ("speculative decoding (--speculative-config)", args.speculative_config),
         ("KV transfer / disaggregated prefill (--kv-transfer-config)", args.kv_transfer_config),
         ("decode context parallelism", (args.decode_context_parallel_size or 1) > 1),
     ) if on]
@@ -185,6 +185,8 @@ def _create_streaming_config(args, original_create, opts, *a, **kw):
     with _allow_long_max_model_len():
         vllm_config = original_create(args, *a, **kw)
 
+    if vllm_config.speculative_config is not None:  # the method vLLM inferred (a draft model's type)
+        _check_speculative({"method": vllm_config.speculative_config.method})
     text_config = vllm_config.model_config.hf_text_config
     _refuse_state_layers(vllm_config.model_config)
     check_model_config(text_config, vllm_config.model_config.model)  # hybrids, RoPE (core rules)
@@ -205,6 +207,39 @@ def _create_streaming_config(args, original_create, opts, *a, **kw):
     logger.info("%s; max_model_len %d", policy.describe(), max_model_len)
     _explain_stock_warnings(policy, max_model_len, rotary_table_len(text_config))
     return vllm_config
+
+
+# Speculative methods the policy serves: their proposer keeps no KV cache of its own, so
+# the target model's verification rows (1 + k queries per request) are the only attention,
+# through the same split and kernels as a prefill chunk (docs/speculative-decoding.md).
+SPECULATIVE_METHODS = ("ngram",)
+
+
+def _check_speculative(spec) -> None:
+    """``--speculative-config`` (the dict vLLM's EngineArgs holds): n-gram is served;
+    a drafter with attention layers of its own (draft_model, EAGLE, MTP, ...) is refused
+    naming its method: its layers would get the policy's backend and KV spec but not its
+    positions (the drafter runs at natural positions, its KV would not follow pos(t))."""
+    if not spec:
+        return
+    method = spec.get("method")
+    if method is None and spec.get("model") in ("ngram", "[ngram]"):
+        method = "ngram"
+    if method == "[ngram]":
+        method = "ngram"
+    if method is None:  # a draft model whose method vLLM infers: checked again once resolved
+        return
+    if method not in SPECULATIVE_METHODS:
+        why = ("its drafter is not checked under the policy" if method in _KV_FREE_DRAFTERS else
+               "its drafter has attention layers of its own, whose KV the policy does not position")
+        raise PolicyConfigError(
+            f"--kv-policy streaming-sink supports --speculative-config method "
+            f"{' / '.join(SPECULATIVE_METHODS)} only; method {method!r}: {why}")
+
+
+# Drafters without KV layers that the policy could serve but no test runs (GPU-only or
+# extra packages); every other method (draft_model, EAGLE, MTP, ...) has its own KV layers.
+_KV_FREE_DRAFTERS = ("ngram_gpu", "suffix", "medusa", "mlp_speculator", "custom_class")
 
 
 def _refuse_explicit_conflicts(args) -> None:
@@ -481,6 +516,11 @@ def hook_targets(platform: str = "cuda") -> list[tuple[str, str, tuple[str, ...]
         ("attr", "vllm.config:SchedulerConfig.max_num_seqs", None),
         ("attr", "vllm.config:SchedulerConfig.async_scheduling", None),
         ("attr", "vllm.config:VllmConfig.speculative_config", None),
+        # speculative decoding: the method served (_check_speculative), a decode step's tokens
+        ("attr", "vllm.config:SpeculativeConfig.method", None),
+        ("attr", "vllm.config:VllmConfig.num_speculative_tokens", None),
+        ("attr", "vllm.config:VllmConfig.num_lookahead_tokens", None),
+        ("attr", "vllm.v1.core.sched.scheduler:Scheduler.vllm_config", None),
         ("attr", "vllm.v1.kv_cache_interface:AttentionSpec", None),
         ("attr", "vllm.v1.kv_cache_interface:FullAttentionSpec", None),
         # 4: KV spec + manager (kv_manager.py)
@@ -603,7 +643,8 @@ def _install_stats() -> None:
         if stats is not None:
             managers = _sink_managers(self)
             if managers:
-                setattr(stats, STATS_FIELD, _policy_stats(managers))
+                setattr(stats, STATS_FIELD, _policy_stats(
+                    managers, sink_config.decode_step_tokens(self.vllm_config)))
         return stats
 
     Scheduler.make_stats = make_stats
@@ -617,8 +658,9 @@ def _sink_managers(scheduler) -> list:
             if isinstance(m, StreamingSinkManager)]
 
 
-def _policy_stats(managers) -> dict:
-    """Summed over the policy's KV cache groups (one, or GPT-OSS's full layers)."""
+def _policy_stats(managers, step_tokens: int = 1) -> dict:
+    """Summed over the policy's KV cache groups (one, or GPT-OSS's full layers).
+    ``step_tokens``: what one decode step writes per request (drafts included)."""
     total: dict = {}
     peaks: dict[str, int] = {}
     for manager in managers:
@@ -628,5 +670,5 @@ def _policy_stats(managers) -> dict:
             request_id, peak = manager.released_peaks.popitem(last=False)
             peaks[request_id] = peaks.get(request_id, 0) + peak
     total["released_peaks"] = list(peaks.values())
-    total["max_live_blocks"] = sum(m.policy.max_live_blocks() for m in managers)
+    total["max_live_blocks"] = sum(m.policy.max_live_blocks(step_tokens) for m in managers)
     return total

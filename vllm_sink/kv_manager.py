@@ -40,6 +40,9 @@ class StreamingSinkSpec(SlidingWindowSpec):
         return SinkPolicy(self.sink_tokens, self.sliding_window, self.block_size)
 
     def max_admission_blocks_per_request(self, max_in_flight_tokens: int, max_model_len: int) -> int:
+        # A speculative step writes 1 + k tokens per request (n-gram drafts, verified in
+        # one pass): within one step's budget, so max_in_flight_tokens (a batch per
+        # concurrent step) already covers the extra block the drafts may cross into.
         return min(self.policy.max_live_blocks(max_in_flight_tokens), cdiv(max_model_len, self.block_size))
 
     def is_uniform_with_collection(self, kv_cache_specs) -> bool:
@@ -60,6 +63,9 @@ class StreamingSinkManager(SlidingWindowManager):
 
     def remove_skipped_blocks(self, request_id: str, processed_computed_tokens: int,
                               num_prompt_tokens: int | None = None) -> None:
+        # vLLM passes the tokens processed: computed minus in flight, after the rejected
+        # drafts of a speculative step are rolled back; so only accepted tokens move the
+        # window, and every query of the next (verification) step is at or past them.
         gap = self.policy.freeable_prefix_blocks(processed_computed_tokens)
         blocks = self.req_to_blocks.get(request_id)
         if not gap or not blocks:
@@ -126,11 +132,12 @@ class StreamingSinkManager(SlidingWindowManager):
                                block_pool, kv_cache_spec: StreamingSinkSpec, drop_eagle_block: bool,
                                alignment_tokens: int, dcp_world_size: int = 1, pcp_world_size: int = 1):
         bs = kv_cache_spec.block_size
-        # Refused at startup (speculative decoding, DCP/PCP, a second block size):
-        # say so here too rather than return a hit on other terms.
+        # Refused at startup (EAGLE/MTP drafters, which ask to drop the hit's last block
+        # for their own KV: hooks._check_speculative; DCP/PCP; a second block size): say
+        # so here too rather than return a hit on other terms. n-gram drafts need no drop.
         if drop_eagle_block or dcp_world_size > 1 or pcp_world_size > 1 or alignment_tokens != bs:
-            raise RuntimeError("streaming-sink prefix caching: EAGLE, DCP/PCP and hit alignments "
-                               f"other than whole {bs}-token blocks are not supported")
+            raise RuntimeError("streaming-sink prefix caching: EAGLE/MTP block drop, DCP/PCP and hit "
+                               f"alignments other than whole {bs}-token blocks are not supported")
         block_hashes = resolve_block_hashes(block_hashes, block_pool.hash_block_size, bs)
         found: dict[int, list] = {}
 

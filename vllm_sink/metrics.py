@@ -134,7 +134,8 @@ class StreamingSinkStatLogger(StatLoggerBase):
                            "not exported")
         labels = [str(vllm_config.model_config.served_model_name), str(engine_index)]
         chunk = vllm_config.scheduler_config.max_num_batched_tokens
-        self.engine = _Engine(labels, policy.max_live_blocks(), policy.max_live_blocks(chunk))
+        decode = policy.max_live_blocks(sink_config.decode_step_tokens(vllm_config))  # drafts too
+        self.engine = _Engine(labels, decode, policy.max_live_blocks(chunk))
         collector = _the_collector()
         with collector.lock:
             collector.engines[engine_index] = self.engine
