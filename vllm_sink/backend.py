@@ -38,6 +38,7 @@ from streaming_sink.step_split import StepSplit, split_step
 from . import kv_layouts
 from .config import policy_of
 from .kv_manager import StreamingSinkSpec
+from .request_sinks import WorkerSinks
 
 # ---- which classes exist: one wrapper per inner backend ------------------------
 
@@ -104,6 +105,7 @@ class SinkBackend:
     # vLLM asks customize_spec() for the layer specs outside any config context;
     # the model-load hook (hooks.py) sets the engine's policy here.
     policy: ClassVar[SinkPolicy | None] = None
+    max_sink_tokens: ClassVar[int | None] = None  # --max-sink-tokens (set with policy)
 
     @staticmethod
     def get_name() -> str:
@@ -148,7 +150,8 @@ class SinkBackend:
         return StreamingSinkSpec(
             block_size=spec.block_size, num_kv_heads=spec.num_kv_heads, head_size=spec.head_size,
             head_size_v=spec.head_size_v, dtype=spec.dtype, kv_quant_mode=spec.kv_quant_mode,
-            sliding_window=policy.window_tokens, sink_tokens=policy.sink_tokens)
+            sliding_window=policy.window_tokens, sink_tokens=policy.sink_tokens,
+            max_sink_tokens=max(policy.sink_tokens, SinkBackend.max_sink_tokens or 0))
 
 
 # ---- metadata: the step split by regime --------------------------------------------
@@ -164,6 +167,9 @@ class StreamingRows:
     seq_mask: torch.Tensor  # int32 per sequence: 1 = ours this step
     seq_ids: torch.Tensor  # the same as indices (the CPU kernel's form)
     max_query_len: int
+    # each sequence's own S (per-request sinks), None when every row has the server's
+    sink_tokens: torch.Tensor | None = None
+    max_sink_tokens: int | None = None  # host-side bound of sink_tokens
 
 
 @dataclass
@@ -200,6 +206,7 @@ class SinkMetadataBuilder:
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device) -> None:
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         self.policy: SinkPolicy = policy_of(vllm_config)
+        self._vllm_config = vllm_config  # finds the runner's per-row S (request_sinks.WorkerSinks)
         # Every KV group (a hybrid's sliding layers too) holds keys written at
         # pos(t), read with per-block query rotations in the policy's blocks.
         check_block_size(kv_cache_spec.block_size, self.policy)
@@ -215,9 +222,13 @@ class SinkMetadataBuilder:
         m = common_attn_metadata
         n = m.num_reqs
         lens = _host_seq_lens(m)
+        state = WorkerSinks.of(self._vllm_config)
+        per_row = None if state is None else state.rows_for(n)  # None: every row has the default S
+        lowest = self.policy.sink_tokens if per_row is None else per_row[2]
         if lens is not None:
-            split = split_step(self.policy, lens[:n], m.query_start_loc_cpu, m.max_seq_len)
-        elif m.max_seq_len <= self.policy.dense_tokens:
+            split = split_step(self.policy, lens[:n], m.query_start_loc_cpu, m.max_seq_len,
+                               sink_tokens=None if per_row is None else per_row[0], min_sink_tokens=lowest)
+        elif m.max_seq_len <= self.policy.dense_tokens_of(lowest):
             split = StepSplit(None, None, None, None, all_dense=True)
         else:  # no exact host lengths (async speculative decoding on a GPU): the core's
             # kernel takes every sequence; it computes the dense regime exactly too
@@ -236,7 +247,9 @@ class SinkMetadataBuilder:
         seq_ids.copy_(ids, non_blocking=True)
         streaming = StreamingRows(
             query_start_loc=m.query_start_loc, seq_lens=m.seq_lens[:n], block_table=m.block_table_tensor,
-            seq_mask=mask, seq_ids=seq_ids, max_query_len=m.max_query_len)
+            seq_mask=mask, seq_ids=seq_ids, max_query_len=m.max_query_len,
+            sink_tokens=None if per_row is None else per_row[1],
+            max_sink_tokens=None if per_row is None else per_row[3])
         return SinkMetadata(m.num_actual_tokens, inner, dense_rows, streaming)
 
     def _build_subset(self, common_prefix_len, m, split, lens, fast_build):

@@ -19,6 +19,7 @@ vLLM's pool ref-counts the shared blocks; freed ones stay hashed (evictable).
 from __future__ import annotations
 
 from collections import OrderedDict
+from contextvars import ContextVar
 from dataclasses import dataclass
 
 from vllm.utils.math_utils import cdiv
@@ -29,21 +30,38 @@ from vllm.v1.kv_cache_interface import SlidingWindowSpec
 from streaming_sink.policy import SinkPolicy
 
 
+# The S of the request whose prefix-cache hit vLLM is looking up (find_longest_cache_hit
+# is a classmethod without the request): set by hooks.py around get_computed_blocks.
+LOOKUP_SINK_TOKENS: ContextVar[int | None] = ContextVar("streaming_sink_lookup_sinks", default=None)
+
+
 @dataclass(frozen=True, kw_only=True)
 class StreamingSinkSpec(SlidingWindowSpec):
     """A decoder layer under the streaming-sink policy (``sliding_window`` = W)."""
 
-    sink_tokens: int
+    sink_tokens: int  # the server default S
+    max_sink_tokens: int = 0  # the largest S a request may carry (--max-sink-tokens)
 
     @property
     def policy(self) -> SinkPolicy:
         return SinkPolicy(self.sink_tokens, self.sliding_window, self.block_size)
 
+    def request_policy(self, sink_tokens: int) -> SinkPolicy:
+        """One request's policy: its own S, the server's window and block size."""
+        return self.policy.with_sinks(sink_tokens)
+
+    def admission_blocks(self, sink_tokens: int, max_in_flight_tokens: int, max_model_len: int) -> int:
+        """A request's admission bound with its own S: Sb + Wb + 1 (+ a chunk's blocks)."""
+        return min(self.request_policy(sink_tokens).max_live_blocks(max_in_flight_tokens),
+                   cdiv(max_model_len, self.block_size))
+
     def max_admission_blocks_per_request(self, max_in_flight_tokens: int, max_model_len: int) -> int:
         # A speculative step writes 1 + k tokens per request (n-gram drafts, verified in
         # one pass): within one step's budget, so max_in_flight_tokens (a batch per
         # concurrent step) already covers the extra block the drafts may cross into.
-        return min(self.policy.max_live_blocks(max_in_flight_tokens), cdiv(max_model_len, self.block_size))
+        # Startup KV sizing: the widest request the server admits (S up to the cap).
+        return self.admission_blocks(max(self.sink_tokens, self.max_sink_tokens), max_in_flight_tokens,
+                                     max_model_len)
 
     def is_uniform_with_collection(self, kv_cache_specs) -> bool:
         return all(spec == self for spec in kv_cache_specs.values())
@@ -54,7 +72,11 @@ class StreamingSinkManager(SlidingWindowManager):
 
     def __init__(self, kv_cache_spec: StreamingSinkSpec, **kwargs) -> None:
         super().__init__(kv_cache_spec, **kwargs)
-        self.policy = kv_cache_spec.policy
+        self.policy = kv_cache_spec.policy  # the server default's (requests without their own S)
+        # Per-request sinks: each running request's S (hooks.py registers it from the
+        # request before vLLM looks up its hit or allocates for it; gone when it frees).
+        self._sinks: dict[str, int] = {}
+        self._admission_limits: tuple[int, int] | None = None  # (max_in_flight_tokens, max_model_len)
         # Metrics (vllm_sink/metrics.py): blocks the window left behind and freed,
         # and each request's peak live blocks, reported when it releases them.
         self.recycled_blocks = 0
@@ -66,14 +88,15 @@ class StreamingSinkManager(SlidingWindowManager):
         # vLLM passes the tokens processed: computed minus in flight, after the rejected
         # drafts of a speculative step are rolled back; so only accepted tokens move the
         # window, and every query of the next (verification) step is at or past them.
-        gap = self.policy.freeable_prefix_blocks(processed_computed_tokens)
+        policy = self.policy_of(request_id)
+        gap = policy.freeable_prefix_blocks(processed_computed_tokens)
         blocks = self.req_to_blocks.get(request_id)
         if not gap or not blocks:
             return  # dense: nothing to free
         # Walks back from the window edge and stops at the first null block, so
         # each call frees only what the window has newly left behind: the blocks
         # from the end of the null run to the gap's end.
-        freed = min(gap.stop, len(blocks)) - self._gap_end(blocks)
+        freed = min(gap.stop, len(blocks)) - self._gap_end(blocks, policy)
         self._remove_blocks_in_range(request_id, gap.start, gap.stop)
         self.recycled_blocks += max(0, freed)
 
@@ -82,17 +105,36 @@ class StreamingSinkManager(SlidingWindowManager):
         blocks = self.req_to_blocks.get(request_id)
         peak = self._peak.pop(request_id, 0)
         if blocks:
-            self.released_peaks[request_id] = max(peak, self._live(blocks)[2])
+            self.released_peaks[request_id] = max(peak, self._live(blocks, self.policy_of(request_id))[2])
             while len(self.released_peaks) > 4096:  # nobody drains them with --disable-log-stats
                 self.released_peaks.popitem(last=False)
-        return super().pop_blocks_for_free(request_id)
+        popped = super().pop_blocks_for_free(request_id)
+        self._sinks.pop(request_id, None)  # registered again if it comes back (preemption)
+        return popped
+
+    # ---- per-request sinks ------------------------------------------------------
+    def set_request_sinks(self, request_id: str, sink_tokens: int) -> None:
+        if sink_tokens == self.policy.sink_tokens:
+            self._sinks.pop(request_id, None)
+        else:
+            self._sinks[request_id] = sink_tokens
+
+    def policy_of(self, request_id: str) -> SinkPolicy:
+        """The request's own policy (the default's when it carries no S of its own)."""
+        s = self._sinks.get(request_id)
+        return self.policy if s is None else self.policy.with_sinks(s)
+
+    def set_admission_limits(self, max_in_flight_tokens: int, max_model_len: int) -> None:
+        """What vLLM sized the admission bound with (KVCacheManager's arguments): each
+        request is then admitted at its own Sb + Wb + 1 (+ chunk), not the cap's."""
+        self._admission_limits = (max_in_flight_tokens, max_model_len)
 
     # ---- what the policy is doing, for metrics (no effect on scheduling) ----
-    def _gap_end(self, blocks) -> int:
+    def _gap_end(self, blocks, policy: SinkPolicy | None = None) -> int:
         """End of the null run at ``Sb``. A request's table is always ``Sb`` sink
         blocks, then null blocks (recycled, or the gap of a prefix hit), then live
         window blocks, so a binary search finds it: O(log n) for a 1M-token stream."""
-        lo, hi = min(self.policy.sink_blocks, len(blocks)), len(blocks)
+        lo, hi = min((policy or self.policy).sink_blocks, len(blocks)), len(blocks)
         while lo < hi:
             mid = (lo + hi) // 2
             if blocks[mid].is_null:
@@ -101,19 +143,21 @@ class StreamingSinkManager(SlidingWindowManager):
                 hi = mid
         return lo
 
-    def _live(self, blocks) -> tuple[int, int, int]:
+    def _live(self, blocks, policy: SinkPolicy | None = None) -> tuple[int, int, int]:
         """(sink blocks held, end of the null run, live blocks) of one request's table."""
-        pinned = sum(not b.is_null for b in blocks[:self.policy.sink_blocks])
-        gap_end = self._gap_end(blocks)
+        policy = policy or self.policy
+        pinned = sum(not b.is_null for b in blocks[:policy.sink_blocks])
+        gap_end = self._gap_end(blocks, policy)
         return pinned, gap_end, pinned + len(blocks) - gap_end
 
     def policy_stats(self) -> dict[str, int]:
         """Requests holding blocks: how many are past the window (a recycled gap),
         their pinned sink blocks and live blocks; updates each one's peak."""
         past = sinks = live = 0
-        sb = self.policy.sink_blocks
         for request_id, blocks in self.req_to_blocks.items():
-            pinned, gap_end, n = self._live(blocks)
+            policy = self.policy_of(request_id)
+            sb = policy.sink_blocks
+            pinned, gap_end, n = self._live(blocks, policy)
             live += n
             sinks += pinned
             past += gap_end > min(sb, len(blocks))  # a null run after the sinks
@@ -147,7 +191,10 @@ class StreamingSinkManager(SlidingWindowManager):
                 found[b] = blocks
             return bool(blocks)
 
-        policy = kv_cache_spec.policy
+        # The looked-up request's own S (hooks.py sets it around vLLM's lookup; the hash
+        # chain already keeps other-S requests apart, its S decides which blocks it reads).
+        s = LOOKUP_SINK_TOKENS.get()
+        policy = kv_cache_spec.policy if s is None else kv_cache_spec.request_policy(s)
         h = policy.longest_hit(min(max_length // bs, len(block_hashes)), cached)
         hit = [[block_pool.null_block] * h for _ in kv_cache_group_ids]
         for b in policy.hit_blocks(h):
@@ -164,10 +211,22 @@ class StreamingSinkManager(SlidingWindowManager):
                                    total_computed_tokens: int, num_local_computed_tokens: int,
                                    num_tokens_main_model: int, apply_admission_cap: bool = False,
                                    prefill_end: int = 0) -> int:
+        cap = self.max_admission_blocks_per_request
+        if apply_admission_cap and self._admission_limits is not None and cap is not None:
+            # The request's own bound (its S), not the widest one vLLM sized the pool for.
+            own = self.kv_cache_spec.admission_blocks(
+                self.policy_of(request_id).sink_tokens, *self._admission_limits)
+            if own < cap:
+                self.max_admission_blocks_per_request = own
+                try:
+                    return self.get_num_blocks_to_allocate(
+                        request_id, num_tokens, new_computed_blocks, total_computed_tokens,
+                        num_local_computed_tokens, num_tokens_main_model, apply_admission_cap, prefill_end)
+                finally:
+                    self.max_admission_blocks_per_request = cap
         n = super().get_num_blocks_to_allocate(
             request_id, num_tokens, new_computed_blocks, total_computed_tokens,
             num_local_computed_tokens, num_tokens_main_model, apply_admission_cap, prefill_end)
-        cap = self.max_admission_blocks_per_request
         if not (apply_admission_cap and new_computed_blocks) or cap is None or request_id in self.num_cached_block:
             return n
         # Admission of a request with a hit: vLLM subtracts the hit's length (gap

@@ -24,13 +24,23 @@ class CachePositionRope(torch.nn.Module):
     for any other engine. Attribute reads fall through to the original.
     """
 
-    def __init__(self, rope: torch.nn.Module, policy: SinkPolicy) -> None:
+    def __init__(self, rope: torch.nn.Module, policy: SinkPolicy,
+                 token_sinks: torch.Tensor | None = None) -> None:
         super().__init__()
         self.rope = rope
         self.policy = policy
+        # Each token's S (per-request sinks, request_sinks.WorkerSinks), filled by the model
+        # runner every step: a persistent buffer, so compiled graphs read its current values.
+        if token_sinks is not None:
+            self.register_buffer("token_sinks", token_sinks, persistent=False)
+        else:
+            self.token_sinks = None
 
     def forward(self, positions, *args, **kwargs):
-        return self.rope(self.policy.cache_position(positions), *args, **kwargs)
+        if self.token_sinks is None:
+            return self.rope(self.policy.cache_position(positions), *args, **kwargs)
+        sinks = self.token_sinks[:positions.shape[-1]].to(positions.dtype)
+        return self.rope(self.policy.cache_position(positions, sinks), *args, **kwargs)
 
     def __getattr__(self, name: str):
         try:
@@ -39,10 +49,11 @@ class CachePositionRope(torch.nn.Module):
             return getattr(super().__getattr__("rope"), name)
 
 
-def install(model: torch.nn.Module, impl_cls: type, attention_cls: type) -> int:
+def install(model: torch.nn.Module, impl_cls: type, attention_cls: type,
+            token_sinks: torch.Tensor | None = None) -> int:
     """Wire every ``attention_cls`` layer whose impl is ``impl_cls`` to the rotary
     module beside it (the core's walk: streaming_sink/rotary_walk.py). Returns how
-    many layers were wired."""
+    many layers were wired. ``token_sinks``: the runner's per-token S buffer."""
     def ours(m):
         return isinstance(m, attention_cls) and isinstance(m.impl, impl_cls)
 
@@ -55,5 +66,6 @@ def install(model: torch.nn.Module, impl_cls: type, attention_cls: type) -> int:
     for f in found:
         f.layer.impl.rope = f.params
         if not isinstance(f.holder.rotary_emb, CachePositionRope):
-            f.holder.rotary_emb = wrappers.setdefault(id(f.rope), CachePositionRope(f.rope, policy))
+            f.holder.rotary_emb = wrappers.setdefault(
+                id(f.rope), CachePositionRope(f.rope, policy, token_sinks))
     return len(found)
