@@ -105,6 +105,12 @@ def _explicit_backends(sa, architectures) -> list[str]:
     return [f"{flag} {v}" for flag, v in given]
 
 
+# --kv-cache-dtype values served with the policy: a plain pool is what it says. SGLang 0.5.23
+# on CPU runs no fp8 pool the policy could read: fp8_e4m3 only with Intel AMX and the
+# intel_amx backend (ours subclasses torch_native), fp8_e5m2 not at all (docs/fp8-kv-cache.md).
+PLAIN_KV_DTYPES = ("auto", "bf16", "bfloat16")
+
+
 def _streaming_defaults(sa, architectures=()) -> None:
     """Refuse what the policy cannot serve, naming the flag; set what it needs. A flag the
     user set is honoured or refused; only a default is changed, and each change is logged."""
@@ -115,7 +121,9 @@ def _streaming_defaults(sa, architectures=()) -> None:
     refused = [flag for flag, bad in (
         ("--page-size other than 1 (eviction and attention are token-granular here)",
          kw.get("page_size") not in (None, 1)),
-        ("--kv-cache-dtype (quantized KV)", kw.get("kv_cache_dtype") not in (None, "auto")),
+        (f"--kv-cache-dtype {kw.get('kv_cache_dtype')} (SGLang runs an fp8 KV cache on CPU only with "
+         f"Intel AMX and its intel_amx attention backend, which the policy's backend replaces; "
+         f"{'/'.join(PLAIN_KV_DTYPES)} are served)", kw.get("kv_cache_dtype") not in (None, *PLAIN_KV_DTYPES)),
         # SGLang 0.5.23's speculative workers (NGRAM included) import sgl_kernel's CUDA ops:
         # stock SGLang on CPU, where the policy is checked, runs none of them.
         ("--speculative-algorithm (no speculative worker of SGLang runs on CPU, where the policy "

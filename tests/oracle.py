@@ -220,6 +220,11 @@ class StepOracle:
         self.k_cache = torch.zeros(shape, dtype=F64)  # PRE-RoPE keys, by absolute position
         self.v_cache = torch.zeros(shape, dtype=F64)
 
+    def as_cached(self, k: torch.Tensor, v: torch.Tensor, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token ``t``'s pre-RoPE K/V [Hkv, D] as the cache keeps them: exactly (a subclass
+        models an engine's quantized cache: tests/test_vllm_fp8.py)."""
+        return k, v
+
     def _ensure(self, n: int) -> None:
         cap = self.k_cache.shape[1]
         if n <= cap:
@@ -358,8 +363,7 @@ class OracleLlama(StepOracle):
             v = qkv[(hq + hkv) * d:].view(hkv, d)
             if L["qn"] is not None:
                 q, k = self._rms(q, L["qn"]), self._rms(k, L["kn"])
-            self.k_cache[li, t] = k  # pre-RoPE
-            self.v_cache[li, t] = v
+            self.k_cache[li, t], self.v_cache[li, t] = self.as_cached(k, v, t)  # pre-RoPE
             keys = rot(self.k_cache[li, idx], ck, sk)  # [n, Hkv, D], rotated fresh every step
             qr = rot(q, cq, sq)
             attn = _attend_one(qr, keys, self.v_cache[li, idx], self.scale, None)
