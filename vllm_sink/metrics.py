@@ -11,9 +11,16 @@ registry, which vLLM's ``/metrics`` route serves.
 A collector, not ``Gauge``/``Counter`` objects: vLLM's own Prometheus logger is
 built after the plugin loggers and unregisters every metric object named
 ``vllm:*`` it finds (``unregister_vllm_metrics``); a collector has no such name.
-With ``--api-server-count > 1`` vLLM switches to prometheus_client's multiprocess
-mode, which serves only multiprocess metric files: the policy's metrics are then
-not exported (a warning says so at startup).
+
+Several API servers (``--api-server-count > 1``, or data parallel, which starts one
+per rank): vLLM sets ``PROMETHEUS_MULTIPROC_DIR`` and its ``/metrics`` serves only
+what every process wrote there (prometheus_client's multiprocess mode, merged on each
+scrape). The series are then prometheus_client metric objects writing to that
+directory (``_FileEngine``), merged as vLLM merges its own: gauges the most recent
+value any process set ("mostrecent"), the counter and histogram summed over the
+processes. Each step's ``SchedulerStats`` reaches one API server only, so each process
+adds what it was sent: the blocks recycled since the previous stats and the peaks
+released since then; their sums are the totals.
 
     vllm:streaming_sink_requests_past_window     gauge    requests whose window has moved past the sinks
     vllm:streaming_sink_sink_blocks_pinned       gauge    KV blocks held as sinks by requests in the engine
@@ -26,7 +33,6 @@ not exported (a warning says so at startup).
 
 from __future__ import annotations
 
-import logging
 import os
 import threading
 
@@ -39,7 +45,6 @@ from vllm.v1.metrics.loggers import StatLoggerBase
 from . import config as sink_config
 from .hooks import STATS_FIELD
 
-logger = logging.getLogger("vllm.streaming_sink")
 LABELS = ["model_name", "engine"]
 
 
@@ -53,6 +58,17 @@ def live_block_buckets(*bounds: int) -> list[float]:
         edges.update(float(m * k) for k in (1, 2, 5) if m * k <= top)
         m *= 10
     return sorted(edges)
+
+
+# (our key in the stats dict, the core's metric key) of each gauge
+GAUGES = (("requests_past_window", "requests_past_window"), ("sink_blocks", "sinks_pinned"),
+          ("live_blocks", "live"), ("max_live_blocks", "max_live"))
+
+
+def multiprocess_mode() -> bool:
+    """Whether vLLM's /metrics serves prometheus_client's multiprocess files (its own
+    test: ``vllm.v1.metrics.prometheus.get_prometheus_registry``)."""
+    return os.getenv("PROMETHEUS_MULTIPROC_DIR") is not None
 
 
 class _Engine:
@@ -89,9 +105,7 @@ class _Collector:
             def family(cls, key):
                 return cls(metric_name("vllm", key), metric_help("vllm", key), labels=LABELS)
 
-            gauges = {ours: family(GaugeMetricFamily, key) for ours, key in (
-                ("requests_past_window", "requests_past_window"), ("sink_blocks", "sinks_pinned"),
-                ("live_blocks", "live"), ("max_live_blocks", "max_live"))}
+            gauges = {ours: family(GaugeMetricFamily, key) for ours, key in GAUGES}
             recycled = family(CounterMetricFamily, "recycled")
             hist = family(HistogramMetricFamily, "request_peak")
             for e in engines:
@@ -107,6 +121,48 @@ class _Collector:
             yield from gauges.values()
             yield recycled
             yield hist
+
+
+class _FileEngine:
+    """One engine's series in multiprocess mode: metric objects that write to
+    PROMETHEUS_MULTIPROC_DIR (the module docstring says how they merge)."""
+
+    def __init__(self, labels: list[str], bound: int, chunk_bound: int) -> None:
+        series = _file_series(live_block_buckets(bound, chunk_bound))
+        self.gauges = {ours: series[ours].labels(*labels) for ours, _ in GAUGES}
+        self.recycled = series["recycled"].labels(*labels)
+        self.hist = series["request_peak"].labels(*labels)
+        for key, gauge in self.gauges.items():
+            gauge.set(bound if key == "max_live_blocks" else 0)  # the series exist before any step
+        self.recycled.inc(0)
+
+    def update(self, stats: dict) -> None:
+        for key, gauge in self.gauges.items():
+            if key in stats:
+                gauge.set(stats[key])
+        self.recycled.inc(max(0, stats.get("recycled_new", 0)))
+        for peak in stats.get("released_peaks", ()):
+            self.hist.observe(peak)
+
+
+_series: dict | None = None
+
+
+def _file_series(buckets: list[float]) -> dict:
+    """The metric objects, once per process (every engine of a server has the same
+    policy, so the same buckets); registry=None: vLLM serves the files, not a registry."""
+    global _series
+    if _series is None:
+        from prometheus_client import Counter, Gauge, Histogram
+
+        def spec(key):
+            return {"name": metric_name("vllm", key), "documentation": metric_help("vllm", key),
+                    "labelnames": LABELS, "registry": None}
+
+        _series = {ours: Gauge(**spec(key), multiprocess_mode="mostrecent") for ours, key in GAUGES}
+        _series["recycled"] = Counter(**spec("recycled"))
+        _series["request_peak"] = Histogram(**spec("request_peak"), buckets=buckets)
+    return _series
 
 
 _collector: _Collector | None = None
@@ -128,13 +184,12 @@ class StreamingSinkStatLogger(StatLoggerBase):
         policy = sink_config.policy_of(vllm_config)
         if policy is None:
             return
-        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-            logger.warning("streaming-sink: prometheus multiprocess mode (--api-server-count > 1 "
-                           "or PROMETHEUS_MULTIPROC_DIR): the vllm:streaming_sink_* metrics are "
-                           "not exported")
         labels = [str(vllm_config.model_config.served_model_name), str(engine_index)]
         chunk = vllm_config.scheduler_config.max_num_batched_tokens
         decode = policy.max_live_blocks(sink_config.decode_step_tokens(vllm_config))  # drafts too
+        if multiprocess_mode():  # several API servers
+            self.engine = _FileEngine(labels, decode, policy.max_live_blocks(chunk))
+            return
         self.engine = _Engine(labels, decode, policy.max_live_blocks(chunk))
         collector = _the_collector()
         with collector.lock:
@@ -142,9 +197,13 @@ class StreamingSinkStatLogger(StatLoggerBase):
 
     def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx: int = 0):
         stats = getattr(scheduler_stats, STATS_FIELD, None) if scheduler_stats is not None else None
-        if self.engine is not None and stats:
-            with _the_collector().lock:
-                self.engine.update(stats)
+        if self.engine is None or not stats:
+            return
+        if isinstance(self.engine, _FileEngine):  # prometheus_client locks its files itself
+            self.engine.update(stats)
+            return
+        with _the_collector().lock:
+            self.engine.update(stats)
 
     def log_engine_initialized(self) -> None:
         pass
