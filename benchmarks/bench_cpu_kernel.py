@@ -10,6 +10,11 @@ live length. The three run interleaved (A B C A B C ...); each figure is the med
 
     .venv/bin/python benchmarks/bench_cpu_kernel.py
     .venv/bin/python benchmarks/bench_cpu_kernel.py --dtype float32 --repeats 7
+    .venv/bin/python benchmarks/bench_cpu_kernel.py --fp8 --skip-reference   # fp8 caches vs bf16
+
+``--fp8`` adds the kernel on e4m3 and e5m2 caches (the same layout, one byte per element,
+k/v scales; q/out in ``--dtype``) to the interleaved set, and prints each one's CPU time
+over the ``--dtype`` cache's.
 """
 
 from __future__ import annotations
@@ -40,7 +45,7 @@ def cache(blocks: int, dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]
     return kv, k, v
 
 
-def case(batch: int, q_len: int, window: int, dtype):
+def case(batch: int, q_len: int, window: int, dtype, fp8: bool = False, reference: bool = True):
     """Callables for one shape: streaming rows at 8 windows in, and stock at the same live length."""
     policy = SinkPolicy(S, window, BS)
     length = 8 * window
@@ -51,10 +56,14 @@ def case(batch: int, q_len: int, window: int, dtype):
     qsl = torch.arange(batch + 1) * q_len
     lens = torch.full((batch,), length)
     rope = RotaryParams.default(D, 1e5)
-    fns = {
-        "kernel": lambda: paged_attention_cpu(q, k, v, table, qsl, lens, D ** -0.5, policy, rope),
-        "reference": lambda: paged_attention_ref(q, k, v, table, qsl, lens, D ** -0.5, policy, rope),
-    }
+    fns = {"kernel": lambda: paged_attention_cpu(q, k, v, table, qsl, lens, D ** -0.5, policy, rope)}
+    if fp8:  # the same cache layout, one byte per element, read in place with scales
+        for name, f8 in (("kernel e4m3", torch.float8_e4m3fn), ("kernel e5m2", torch.float8_e5m2)):
+            _, k8, v8 = cache(batch * nblk + 1, f8)
+            fns[name] = (lambda k8=k8, v8=v8: paged_attention_cpu(q, k8, v8, table, qsl, lens, D ** -0.5, policy,
+                                                                  rope, k_scale=0.02, v_scale=0.03))
+    if reference:
+        fns["reference"] = lambda: paged_attention_ref(q, k, v, table, qsl, lens, D ** -0.5, policy, rope)
     try:
         import vllm._custom_ops as ops  # the stock op, same live length, dense
     except ImportError:
@@ -79,6 +88,8 @@ def main() -> None:
     ap.add_argument("--window", type=int, default=1024)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--calls", type=int, default=10)
+    ap.add_argument("--fp8", action="store_true", help="also the kernel on e4m3 / e5m2 caches")
+    ap.add_argument("--skip-reference", action="store_true", help="leave the (slow) torch reference out")
     args = ap.parse_args()
     dtype = getattr(torch, args.dtype)
     torch.manual_seed(0)
@@ -87,7 +98,7 @@ def main() -> None:
           f"block {BS}, heads {HQ}/{HKV} x {D}; ms per call: process CPU (wall), median of {args.repeats}")
     for name, batch, q_len in (("decode, batch 16", 16, 1), ("decode, batch 1", 1, 1),
                                ("prefill chunk of 512, batch 1", 1, 512)):
-        fns = case(batch, q_len, args.window, dtype)
+        fns = case(batch, q_len, args.window, dtype, args.fp8, not args.skip_reference)
         times = {k: [] for k in fns}
         for _ in range(args.repeats):
             for k, fn in fns.items():
@@ -100,6 +111,11 @@ def main() -> None:
         row = "  ".join(f"{k} {statistics.median(c for c, _ in t):.3f} ({statistics.median(w for _, w in t):.3f})"
                         for k, t in times.items())
         print(f"{name:<32}{row}")
+        base = statistics.median(c for c, _ in times["kernel"])
+        for k in ("kernel e4m3", "kernel e5m2"):
+            if k in times:
+                print(f"{'':<32}{k} / kernel {args.dtype}: {statistics.median(c for c, _ in times[k]) / base:.3f} "
+                      f"(process CPU time per call)")
 
 
 if __name__ == "__main__":

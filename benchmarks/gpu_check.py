@@ -17,7 +17,9 @@ Sections (docs/gpu.md says how to read them):
    decode batches 1/64/256, prefill chunks 512/2048, head_dim 64/128, GQA 8:1, bf16 / fp16
    (and fp32) caches, learned sinks, layer windows, stale block ids in the freed gap (ids of
    NaN blocks and of other sequences' blocks), mixed dense/streaming rows in one batch, the
-   plain (policy off) path, split KV, the HND cache order and a strided q. Every query row is checked on its own: its largest
+   plain (policy off) path, split KV, the HND cache order and a strided q, fp8 caches (e4m3 / e5m2
+   with k/v scale tensors; the reference reads the same bytes dequantized), per-sequence sink
+   lengths (S = 0, not a multiple of the block, larger than the window, the default, in one batch). Every query row is checked on its own: its largest
    error against a tolerance built from the cache dtype's rounding (``row_tolerance``).
 2. **decode bandwidth** -- live K/V bytes the kernel must read, per second, as a share of a
    device-to-device copy measured in the same run; live 1k-128k tokens x batch 1-256.
@@ -67,7 +69,11 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 # Every kind of correctness row the check must contain (tests/test_gpu_check.py asserts it).
 REQUIRED_KINDS = ("decode", "prefill", "bf16", "fp16", "head_dim_64", "head_dim_128", "gqa_8to1",
-                  "learned_sinks", "layer_window", "stale_gap", "mixed", "policy_off", "split_kv")
+                  "learned_sinks", "layer_window", "stale_gap", "mixed", "policy_off", "split_kv",
+                  "fp8_e4m3", "fp8_e5m2", "per_seq_sinks")
+FP8 = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
+# fp8 rows: x / scale is stored; |x| <= ~5 (normal draws) stays far inside e4m3's 448.
+FP8_SCALES = (0.05, 0.085)
 
 # The row tolerance (see row_tolerance): err <= ULP * (C_OUT*|o| + C_ABS*(1 + s_rms)*(a + |o|))
 C_OUT, C_ABS = 1.0, 1.0
@@ -100,6 +106,8 @@ class Spec:
     q_gain: float = 1.0
     hnd: bool = False  # the cache's physical order [blocks, Hkv, bs, 2D] (FlashInfer's HND) instead of NHD
     q_strided: bool = False  # q a view into a fused [T, Hq + 2 Hkv, D] qkv buffer, as vLLM passes it
+    kv_dtype: str | None = None  # "e4m3" / "e5m2": an fp8 cache (q/out stay in `dtype`)
+    seq_sinks: list | None = None  # each sequence's own S (the kernel's sink_tokens); None: sink_tokens
     kinds: list = field(default_factory=list)
     seed: int = 0
 
@@ -119,6 +127,8 @@ class Built:
     N_NAN = 3
 
     def __init__(self, spec: Spec, device: str):
+        import dataclasses
+
         from streaming_sink.policy import SinkPolicy
         from streaming_sink.reference_attention import attended_keys
         from streaming_sink.rope import RotaryParams
@@ -129,14 +139,20 @@ class Built:
         g = torch.Generator().manual_seed(s.seed)
         gd = torch.Generator(device=device).manual_seed(s.seed)
         self.policy = SinkPolicy(s.sink_tokens, s.window, s.bs) if s.policy_on else None
+        # each sequence's own contract (per-request S), and what the kernel is given for it
+        self.policies = [self.policy if s.seq_sinks is None else dataclasses.replace(self.policy, sink_tokens=S)
+                         for S in (s.seq_sinks or [None] * len(s.seqs))]
+        self.seq_sinks = None if s.seq_sinks is None else torch.tensor(s.seq_sinks, dtype=torch.int32,
+                                                                        device=device)
+        self.max_sink_tokens = None if s.seq_sinks is None else max(s.seq_sinks)
         rope = RotaryParams.default(s.rotary_dim or s.d, base=10000.0, is_neox_style=s.neox)
         self.rope = RotaryParams(rope.inv_freq.to(device), rope.rotary_dim, rope.is_neox_style)
         self.scale = s.d ** -0.5
         bs = s.bs
         keys, live_lists = [], []
-        for seq_len, q_len in s.seqs:
+        for (seq_len, q_len), policy in zip(s.seqs, self.policies):
             nb = -(-seq_len // bs)
-            m = attended_keys(self.policy, bs, seq_len, q_len, s.sliding_window)
+            m = attended_keys(policy, bs, seq_len, q_len, s.sliding_window)
             m = torch.nn.functional.pad(m, (0, nb * bs - seq_len)).view(nb, bs)
             keys.append(m)
             live_lists.append(torch.nonzero(m.any(1)).flatten().tolist())
@@ -181,19 +197,29 @@ class Built:
         kv.masked_fill_(~attended_d[:, :, None, None], math.nan)
         self.kv = kv
         self.k_cache, self.v_cache = kv.split(s.d, dim=-1)
+        self.k_scale = self.v_scale = None
+        if s.kv_dtype:  # what an engine stores: x / scale in fp8, in the same [B, bs, H, 2D] layout
+            ks, vs = FP8_SCALES
+            kv8 = torch.empty_like(kv, dtype=FP8[s.kv_dtype])
+            kv8[..., :s.d] = (self.k_cache.float() / ks).to(kv8.dtype)
+            kv8[..., s.d:] = (self.v_cache.float() / vs).to(kv8.dtype)
+            self.kv = kv8
+            self.k_cache, self.v_cache = kv8.split(s.d, dim=-1)
+            self.k_scale = torch.tensor([ks], device=device)  # device tensors, as vLLM's layer._k_scale
+            self.v_scale = torch.tensor([vs], device=device)
         q_heads = s.hq + 2 * s.hkv if s.q_strided else s.hq
         self.q = (torch.randn(self.num_tokens, q_heads, s.d, generator=gd, device=device) * s.q_gain).to(dtype)
         self.q = self.q[:, :s.hq]
         self.sinks = (torch.randn(s.hq, generator=gd, device=device) * 2) if s.learned_sinks else None
         # per KV head: rms of one key element over the attended keys (for the tolerance)
-        kf = self.k_cache.float()
+        kf = self.k_cache.float() * (1.0 if self.k_scale is None else FP8_SCALES[0])
         ok = torch.isfinite(kf)
         self.k_el_rms = (kf.nan_to_num(0.0).pow(2).sum((0, 1, 3)) / ok.sum((0, 1, 3)).clamp_min(1)).sqrt()
         self.max_keys = max(int(k.sum()) for k in keys)  # keys the widest step reads (one sequence)
         self.streaming_rows = self.dense_rows = 0
-        for (seq_len, q_len) in s.seqs:
+        for (seq_len, q_len), policy in zip(s.seqs, self.policies):
             for t in range(seq_len - q_len, seq_len):
-                if self.policy is not None and self.policy.is_streaming(t // bs):
+                if policy is not None and policy.is_streaming(t // bs):
                     self.streaming_rows += 1
                 else:
                     self.dense_rows += 1
@@ -203,15 +229,21 @@ class Built:
         ``v_abs``: with |V|, which gives a = sum_k p_k |v_k| per output element."""
         from streaming_sink.reference_attention import paged_attention_ref
 
-        v = self.v_cache.abs() if v_abs else self.v_cache
+        k, v = self.k_cache, self.v_cache
+        if self.k_scale is not None:  # the same stored bytes, dequantized as the API defines it
+            k, v = k.float() * FP8_SCALES[0], v.float() * FP8_SCALES[1]
+        v = v.abs() if v_abs else v
         return paged_attention_ref(
-            self.q.float(), self.k_cache, v, self.block_table, self.query_start_loc, self.seq_lens,
-            self.scale, self.policy, self.rope, self.sinks, self.spec.sliding_window).float()
+            self.q.float(), k, v, self.block_table, self.query_start_loc, self.seq_lens,
+            self.scale, self.policy, self.rope, self.sinks, self.spec.sliding_window,
+            sink_tokens=self.seq_sinks, max_sink_tokens=self.max_sink_tokens).float()
 
     def kernel(self) -> torch.Tensor:
         from streaming_sink.triton_attention import paged_attention
 
         kw = {} if self.spec.num_splits is None else {"num_splits": self.spec.num_splits}
+        kw.update(sink_tokens=self.seq_sinks, max_sink_tokens=self.max_sink_tokens, k_scale=self.k_scale,
+                  v_scale=self.v_scale)
         return paged_attention(self.q, self.k_cache, self.v_cache, self.block_table, self.query_start_loc,
                                self.seq_lens, self.scale, self.policy, self.rope, self.sinks,
                                self.spec.sliding_window, **kw)
@@ -274,7 +306,7 @@ def check_case(spec: Spec, device: str, self_test_fail: bool) -> dict:
         seq = int(torch.searchsorted(b.query_start_loc.cpu(), torch.tensor(i, dtype=torch.int32), right=True)) - 1
         seq_len, q_len = spec.seqs[seq]
         t = seq_len - q_len + (i - int(b.query_start_loc[seq]))
-        streaming = b.policy is not None and b.policy.is_streaming(t // spec.bs)
+        streaming = b.policies[seq] is not None and b.policies[seq].is_streaming(t // spec.bs)
         where.append(dict(row=i, seq=seq, position=t, regime="streaming" if streaming else "dense",
                           err=float(row_err[i]), err_over_tol=float(row_ratio[i]),
                           out_finite=bool(out_finite[i]), ref_finite=bool(ref_finite[i])))
@@ -341,8 +373,24 @@ def gpu_specs() -> list:
              kinds=["policy_off", "prefill", "decode"], seed=13),
         Spec("fp32_d128_decode_prefill", [(20_000, 512), (dt + 1, 1), (9000, 1), (dt - 1, 1)], d=128,
              dtype="fp32", learned_sinks=True, kinds=["fp32", "prefill", "decode", "mixed"], seed=14),
+        Spec("decode_b64_d128_e4m3_bf16", dec(64), d=128, kv_dtype="e4m3", learned_sinks=True,
+             kinds=["decode", "mixed", "fp8_e4m3", "learned_sinks"], seed=15),
+        Spec("decode_b1_d128_e5m2_fp16_split", [(70_001, 1)], d=128, dtype="fp16", kv_dtype="e5m2",
+             kinds=["decode", "split_kv", "fp8_e5m2"], seed=16),
+        Spec("prefill_c2048_d128_e4m3_bf16", [(dt2 + 1000, 2048)], window=W2, d=128, kv_dtype="e4m3",
+             kinds=["prefill", "fp8_e4m3"], seed=17),
+        # S: the default 4, 0, 20 (not a multiple of 16), 2000 (> the 1024 window), 100
+        Spec("per_seq_sinks_d128_bf16", **per_seq(dec(40) + [(30_000, 512), (1500, 700)], [4, 0, 20, 2000, 100]),
+             d=128, learned_sinks=True, kinds=["per_seq_sinks", "mixed", "decode", "prefill"], seed=18),
+        Spec("per_seq_sinks_d128_e4m3_bf16", **per_seq(dec(40), [4, 0, 20, 2000, 100]), d=128, kv_dtype="e4m3",
+             kinds=["per_seq_sinks", "fp8_e4m3", "mixed", "decode"], seed=19),
     ]
     return specs
+
+
+def per_seq(seqs: list, values: list) -> dict:
+    """``seqs`` and ``seq_sinks`` for a Spec: the sequences take the S values in turn."""
+    return dict(seqs=seqs, seq_sinks=[values[i % len(values)] for i in range(len(seqs))])
 
 
 def interpret_specs() -> list:
@@ -369,6 +417,13 @@ def interpret_specs() -> list:
              kinds=["policy_off", "prefill", "decode"], seed=6, **kw),
         Spec("fp32_d64_gptj_partial", [(60, 9), (dt + 1, 1)], d=64, dtype="fp32", rotary_dim=32, neox=False,
              learned_sinks=True, kinds=["fp32", "prefill", "decode", "rotary_gptj_partial"], seed=7, **kw),
+        # S per sequence: the default 4, 0, 6 (not a multiple of 4), 17 (> the 12-token window)
+        Spec("per_seq_sinks_e4m3_bf16", **per_seq([(21, 1), (13, 1), (25, 1), (70, 1), (40, 6), (33, 5)],
+                                                  [4, 0, 6, 17]),
+             d=64, kv_dtype="e4m3", learned_sinks=True, kinds=["per_seq_sinks", "fp8_e4m3", "decode", "prefill"],
+             seed=8, **kw),
+        Spec("decode_b4_d64_e5m2_fp16_split", dec(4), d=64, dtype="fp16", kv_dtype="e5m2", num_splits=2,
+             kinds=["decode", "fp8_e5m2", "split_kv"], seed=9, **kw),
     ]
 
 
@@ -666,7 +721,14 @@ def run_cudagraph(cfg: TCfg) -> dict:
     (any host sync raises); the replay must equal eager bit for bit, before and after the
     step's metadata (lengths, mask, queries) changes in place. This is what vLLM's FULL
     cudagraph modes would do with the policy's decode path; the adapter refuses them
-    until this passes on a device (docs/gpu.md)."""
+    until this passes on a device (docs/gpu.md). Twice: the bf16 cache, and an e4m3 cache
+    (scale tensors, as vLLM's ``layer._k_scale``) with per-sequence S (a device tensor),
+    both changed in place between replays too."""
+    variants = {v: _cudagraph_variant(cfg, v == "e4m3_per_seq_sinks") for v in ("bf16", "e4m3_per_seq_sinks")}
+    return dict(name="cudagraph_decode_replay", passed=all(r["passed"] for r in variants.values()), **variants)
+
+
+def _cudagraph_variant(cfg: TCfg, fp8_per_seq: bool) -> dict:
     from streaming_sink.triton_attention import paged_attention, workspace_elems
 
     batch, window = 32, 1024
@@ -675,6 +737,11 @@ def run_cudagraph(cfg: TCfg) -> dict:
     dev = kw["q"].device
     kw["seq_mask"] = (torch.arange(batch, device=dev) % 2).to(torch.int32)
     kw["workspace"] = torch.empty(workspace_elems(cfg.hq, cfg.hkv, cfg.d, dev), dtype=torch.float32, device=dev)
+    if fp8_per_seq:  # S <= bs: every sequence's live blocks are among the ones stream_setup filled
+        kw["sink_tokens"] = torch.tensor([4, 0, 9, cfg.bs], dtype=torch.int32, device=dev).repeat(batch // 4)
+        kw["max_sink_tokens"] = cfg.bs
+        kw["k_cache"], kw["v_cache"] = (x.to(torch.float8_e4m3fn) for x in (kw["k_cache"], kw["v_cache"]))
+        kw["k_scale"], kw["v_scale"] = torch.tensor([0.5], device=dev), torch.tensor([0.25], device=dev)
     kw["out"].fill_(7.0)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
@@ -697,6 +764,10 @@ def run_cudagraph(cfg: TCfg) -> dict:
     kw["seq_lens"].add_(1)  # the next step, in place: what vLLM's persistent buffers do
     kw["seq_mask"].copy_(1 - kw["seq_mask"])
     kw["q"].copy_(torch.randn_like(kw["q"]))
+    if fp8_per_seq:
+        kw["sink_tokens"].copy_(kw["sink_tokens"].roll(1))
+        kw["k_scale"].mul_(2.0)
+        kw["v_scale"].mul_(0.5)
     kw["out"].fill_(7.0)
     graph.replay()
     replays.append(kw["out"].clone())
@@ -706,8 +777,10 @@ def run_cudagraph(cfg: TCfg) -> dict:
     torch.cuda.synchronize()
     same = [bool(torch.equal(a, b)) for a, b in zip(eager, replays)]
     untouched = bool((eager[1].view(batch, -1)[0::2] == 7.0).all())  # masked-out rows of step 2
-    return dict(name="cudagraph_decode_replay", passed=all(same) and untouched, replay_equals_eager=same,
-                masked_rows_untouched=untouched, batch=batch, seq_len=seq_len, window=window)
+    finite = bool(torch.isfinite(eager[1].view(batch, -1)[1::2]).all())  # the NaN gap never read
+    return dict(passed=all(same) and untouched and finite, replay_equals_eager=same,
+                masked_rows_untouched=untouched, computed_rows_finite=finite, batch=batch, seq_len=seq_len,
+                window=window)
 
 
 def print_correctness(rows: list) -> None:

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from .policy import SinkPolicy
-from .reference_attention import check_args
+from .reference_attention import FP8_DTYPES, cache_scale, check_args
 from .rope import RotaryParams
 
 KERNEL_ENV = "STREAMING_SINK_CPU_KERNEL"
@@ -118,8 +118,11 @@ def paged_attention_cpu(
         bound = policy.sink_tokens if max_sink_tokens is None else max_sink_tokens
         if seq_sinks.numel() and int(seq_sinks.max()) > bound:  # a CPU tensor: reading it costs no sync
             raise ValueError(f"sink_tokens {seq_sinks.tolist()} above max_sink_tokens={bound}")
-    # The kernel reads q/out in the cache's dtype or float32; anything else goes via float32.
-    direct = q.dtype in (torch.float32, k_cache.dtype) and out.dtype == q.dtype and out.is_contiguous()
+    ks, vs = cache_scale(k_cache, k_scale), cache_scale(v_cache, v_scale)  # host floats (CPU tensors)
+    # The kernel reads q/out in float32 or the cache's dtype (an fp8 cache: bf16/fp16);
+    # anything else goes via float32.
+    native = (torch.bfloat16, torch.float16) if k_cache.dtype in FP8_DTYPES else (k_cache.dtype,)
+    direct = q.dtype in (torch.float32, *native) and out.dtype == q.dtype and out.is_contiguous()
     qk = q.contiguous() if direct else q.float().contiguous()
     ok = out if direct else torch.empty_like(qk)
     if not direct and seq_ids is not None:
@@ -134,7 +137,7 @@ def paged_attention_cpu(
         float(scale), policy.sink_tokens if policy else 0, policy.window_blocks if policy else -1,
         table, inv, rope.rotary_dim if policy else 0, bool(rope.is_neox_style) if policy else True,
         None if sinks is None else sinks.float().contiguous(), int(sliding_window or 0),
-        None if seq_ids is None else seq_ids.long(), seq_sinks)
+        None if seq_ids is None else seq_ids.long(), seq_sinks, ks, vs)
     if not direct:
         out.copy_(ok)
     return out

@@ -42,6 +42,9 @@ Design (one kernel, decode and varlen chunked prefill alike):
   member of each rotary pair, rest) so the rotation needs no shuffles.
 * Online softmax in fp32 (base 2); learned sink logits start the running max
   and denominator (``m = sink, l = 1``) and use no KV slot.
+* fp8 caches (``float8_e4m3fn`` / ``float8_e5m2`` views of vLLM's uint8 cache): K/V
+  tiles are widened to q's dtype after the load; ``k_scale`` goes into the score
+  scale and ``v_scale`` into the output (tensors are read in-kernel: no sync).
 """
 
 from __future__ import annotations
@@ -52,7 +55,7 @@ import weakref
 import torch
 
 from .policy import SinkPolicy
-from .reference_attention import check_args
+from .reference_attention import FP8_DTYPES, check_args
 from .rope import RotaryParams
 
 try:
@@ -136,14 +139,15 @@ if triton is not None:
         offs_n = sb * TILE_N + tl.arange(0, TILE_N)
         kp = jk * BS + offs_n  # absolute key positions
         k_ok = (offs_n < BS) & (kp >= k_lo) & (kp < k_hi)
+        # .to(qa.dtype): an fp8 tile is widened to the query's dtype (a no-op otherwise)
         ka = tl.load(k_page + offs_n[None, :] * s_kn + ca[:, None] * s_kd,
-                     mask=k_ok[None, :] & a_ok[:, None], other=0.0)
+                     mask=k_ok[None, :] & a_ok[:, None], other=0.0).to(qa.dtype)
         kb = tl.load(k_page + offs_n[None, :] * s_kn + cb[:, None] * s_kd,
-                     mask=k_ok[None, :] & a_ok[:, None], other=0.0)
+                     mask=k_ok[None, :] & a_ok[:, None], other=0.0).to(qa.dtype)
         s = _dot(qa, ka, IEEE) + _dot(qb, kb, IEEE)
         if DR > 0:
             kr = tl.load(k_page + offs_n[None, :] * s_kn + cr[:, None] * s_kd,
-                         mask=k_ok[None, :] & r_ok[:, None], other=0.0)
+                         mask=k_ok[None, :] & r_ok[:, None], other=0.0).to(qa.dtype)
             s += _dot(qr, kr, IEEE)
         s = s * qk_scale
         ok = k_ok[None, :] & (kp[None, :] <= t_row[:, None])
@@ -156,7 +160,7 @@ if triton is not None:
         p = tl.exp2(s - m_use[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_page + offs_n[:, None] * s_vn + offs_d[None, :] * s_vd,
-                    mask=k_ok[:, None] & d_ok[None, :], other=0.0)
+                    mask=k_ok[:, None] & d_ok[None, :], other=0.0).to(qa.dtype)
         acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
         return m_new, l_i, acc
 
@@ -164,6 +168,7 @@ if triton is not None:
     def _sink_attn_kernel(
         q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr,
         bt_ptr, qsl_ptr, seq_lens_ptr, inv_freq_ptr, sinks_ptr, mask_ptr, seq_sinks_ptr,
+        k_scale_ptr, v_scale_ptr, v_scale,
         num_seqs, num_splits, qk_scale,
         sink_tokens, window_blocks, sliding_window,
         s_qt, s_qh, s_qd,
@@ -179,6 +184,7 @@ if triton is not None:
         RH: tl.constexpr, RH_PAD: tl.constexpr, NEOX: tl.constexpr, DR: tl.constexpr, DR_PAD: tl.constexpr,
         USE_POLICY: tl.constexpr, USE_SINKS: tl.constexpr, USE_SW: tl.constexpr,
         USE_MASK: tl.constexpr, SPLIT: tl.constexpr, IEEE: tl.constexpr, PER_SEQ_S: tl.constexpr,
+        FP8: tl.constexpr, SCALE_PTRS: tl.constexpr,
     ):
         pid = tl.program_id(0)
         kvh = tl.program_id(1)
@@ -231,7 +237,13 @@ if triton is not None:
         d_ok = offs_d < HEAD_D
 
         q_base = q_ptr + q_row[:, None] * s_qt + head[:, None] * s_qh
-        kv_ty = k_ptr.dtype.element_ty
+        if FP8:  # compute in q's dtype; the fp8 scales (device tensors are read here, no sync)
+            kv_ty = q_ptr.dtype.element_ty
+        else:
+            kv_ty = k_ptr.dtype.element_ty
+        if SCALE_PTRS:
+            qk_scale = qk_scale * tl.load(k_scale_ptr).to(tl.float32)
+            v_scale = tl.load(v_scale_ptr).to(tl.float32)
         qa = tl.load(q_base + ca[None, :] * s_qd, mask=row_ok[:, None] & a_ok[None, :], other=0.0).to(kv_ty)
         qb = tl.load(q_base + cb[None, :] * s_qd, mask=row_ok[:, None] & a_ok[None, :], other=0.0).to(kv_ty)
         qr = tl.load(q_base + cr[None, :] * s_qd, mask=row_ok[:, None] & r_ok[None, :], other=0.0).to(kv_ty)
@@ -305,7 +317,10 @@ if triton is not None:
 
         # ---- epilogue
         l_safe = tl.where(l_i > 0.0, l_i, 1.0)
-        o = acc / l_safe[:, None]
+        if FP8:  # the values were read unscaled
+            o = acc * (v_scale / l_safe)[:, None]
+        else:
+            o = acc / l_safe[:, None]
         o_ptrs = out_ptr + q_row[:, None] * s_ot + head[:, None] * s_oh + offs_d[None, :] * s_od
         o_mask = row_ok[:, None] & d_ok[None, :]
         if SPLIT:  # partial result + its log2-sum-exp, merged by _combine_kernel
@@ -398,6 +413,8 @@ def paged_attention(
     workspace: torch.Tensor | None = None,
     sink_tokens: torch.Tensor | None = None,
     max_sink_tokens: int | None = None,
+    k_scale: float | torch.Tensor | None = None,
+    v_scale: float | torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Triton version of :func:`paged_attention_ref` (same arguments, same result).
 
@@ -417,6 +434,10 @@ def paged_attention(
     ``sink_tokens`` (int32/int64 ``[num_seqs]``, on the device): each sequence's own
     ``S``, read in the kernel; ``max_sink_tokens`` (host int, default the policy's)
     bounds it for sizing. Values above it are not checked (that would sync).
+
+    ``k_scale``/``v_scale`` (fp8 caches): floats, or 1-element fp32 tensors on the
+    device (vLLM's ``layer._k_scale``), read in-kernel. A non-fp8 cache is read as
+    stored: a float scale other than 1 is refused, a tensor one is not read (no sync).
 
     Host work only: no device->host copy, no data-dependent shape, so a call
     with the same shapes can be captured in a CUDA graph and replayed.
@@ -470,6 +491,17 @@ def paged_attention(
         max_pages = min(max_pages, -(-sliding_window // bs) + 1)
     if sinks is not None:
         sinks = sinks.to(device=q.device, dtype=torch.float32).contiguous()
+    fp8 = k_cache.dtype in FP8_DTYPES
+    if fp8 and (v_cache.dtype not in FP8_DTYPES or q.dtype in FP8_DTYPES):
+        raise ValueError(f"an fp8 k_cache needs an fp8 v_cache and q in the model dtype, got v {v_cache.dtype}, "
+                         f"q {q.dtype}")
+    scale_ptrs = fp8 and (isinstance(k_scale, torch.Tensor) or isinstance(v_scale, torch.Tensor))
+    if scale_ptrs:
+        k_scale_t, v_scale_t, v_mul = _scale_tensor(k_scale, q.device), _scale_tensor(v_scale, q.device), 1.0
+    else:
+        ks, v_mul = _host_scale(k_scale, fp8), _host_scale(v_scale, fp8)
+        scale = scale * ks
+        k_scale_t = v_scale_t = q  # unused
 
     if num_splits is None:
         num_splits = _auto_splits(q, grid0 * hkv, max_pages)
@@ -494,6 +526,7 @@ def paged_attention(
         q, k_cache, v_cache, dst, lse,
         block_table, query_start_loc, seq_lens, inv_freq, sinks if sinks is not None else q, mask,
         seq_lens if sink_tokens_per_seq is None else sink_tokens_per_seq,
+        k_scale_t, v_scale_t, float(v_mul),
         num_seqs, num_splits, float(scale) * _LOG2E,
         sink_tokens, window_blocks, sliding_window or 0,
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *s_o, *s_l, *block_table.stride(),
@@ -502,7 +535,7 @@ def paged_attention(
         RH=rh, RH_PAD=max(16, _next_pow2(rh)), NEOX=neox, DR=dr, DR_PAD=max(16, _next_pow2(dr)),
         USE_POLICY=policy is not None, USE_SINKS=sinks is not None, USE_SW=sliding_window is not None,
         USE_MASK=seq_mask is not None, SPLIT=split, IEEE=q.dtype == torch.float32 or _INTERPRETED,
-        PER_SEQ_S=sink_tokens_per_seq is not None,
+        PER_SEQ_S=sink_tokens_per_seq is not None, FP8=fp8, SCALE_PTRS=scale_ptrs,
         num_warps=num_warps, num_stages=3 if block_q == 1 else 2,
     )
     if split:
@@ -514,6 +547,22 @@ def paged_attention(
             USE_MASK=seq_mask is not None, num_warps=4,
         )
     return out
+
+
+def _host_scale(scale: float | torch.Tensor | None, fp8: bool) -> float:
+    if scale is None or isinstance(scale, torch.Tensor):  # a tensor on a non-fp8 cache: not read
+        return 1.0
+    if not fp8 and float(scale) != 1.0:
+        raise ValueError(f"k_scale/v_scale {scale} given for a non-fp8 cache (only fp8 caches are scaled)")
+    return float(scale)
+
+
+def _scale_tensor(scale: float | torch.Tensor | None, device: torch.device) -> torch.Tensor:
+    """A scale the kernel reads: a caller's device tensor as is (capture-safe), else made here."""
+    if isinstance(scale, torch.Tensor) and scale.device == device and scale.dtype == torch.float32:
+        return scale
+    value = 1.0 if scale is None else scale
+    return torch.as_tensor(value, dtype=torch.float32).reshape(-1)[:1].to(device)
 
 
 def workspace_elems(num_heads: int, num_kv_heads: int, head_dim: int, device: torch.device) -> int:

@@ -5,8 +5,9 @@ at NaN blocks, mixed dense/streaming batches, chunks across the switch, GQA,
 partial rotary, NeoX and GPT-J styles, learned sinks, layer windows.
 
 Plus what only the kernel has: the engines' cache layouts (vLLM CPU_ATTN's
-dim-major keys, SGLang's token pool), bf16/fp16 caches read in place, int32
-tables, ``seq_ids`` (only some sequences' rows) and ``table_rows``.
+dim-major keys, SGLang's token pool), bf16/fp16 and fp8 (e4m3, e5m2, with k/v
+scales) caches read in place, int32 tables, ``seq_ids`` (only some sequences' rows)
+and ``table_rows``; per-sequence sink lengths (``sink_tokens``) against the oracle.
 """
 
 from __future__ import annotations
@@ -255,3 +256,67 @@ def test_per_seq_sinks_refusals():
             run_ref(case, pc, fn=fn, sink_tokens=S, policy=None, rope=None)
         with pytest.raises(ValueError, match="int32/int64"):
             run_ref(case, pc, fn=fn, sink_tokens=S.float(), max_sink_tokens=13)
+
+
+# ----------------------------------------------------------------------------
+# fp8 caches (issue 22): e4m3 / e5m2 with vLLM's k/v scales
+# ----------------------------------------------------------------------------
+FP8 = [torch.float8_e4m3fn, torch.float8_e5m2]
+# Scales keep the harness's values (|k| <~ 8) inside e4m3's range (448) after k / scale.
+SCALES = [1.0, 0.05, 0.5]
+
+
+def quantize(cache: torch.Tensor, dtype: torch.dtype, scale: float) -> torch.Tensor:
+    """What an engine stores: ``x / scale`` rounded to fp8 (the rounding mode does not
+    matter here: kernel and reference read the same stored bytes)."""
+    return (cache / scale).to(dtype)
+
+
+def fp8_inputs(pc, dtype, k_scale, tensor_scales):
+    ks, vs = k_scale, k_scale * 1.7
+    k8, v8 = quantize(pc["k_cache"], dtype, ks), quantize(pc["v_cache"], dtype, vs)
+    # The reference is fed the same stored values, dequantized as the API defines it.
+    deq = dict(k_cache=k8.float() * ks, v_cache=v8.float() * vs)
+    scales = dict(k_scale=torch.tensor([ks]), v_scale=torch.tensor(vs)) if tensor_scales else dict(k_scale=ks, v_scale=vs)
+    return k8, v8, deq, scales
+
+
+# Tolerance: kernel and reference compute in fp32 from identical dequantized values; the
+# kernel folds k_scale into the query's scale and v_scale into the output (two extra fp32
+# roundings, ~1e-7 relative) and sums in another order, so the fp32 kernel's 1e-4 per
+# element (test_kernel_matches_oracle) holds; with bf16 q/out it is the one rounding of the
+# output to bf16 (2^-8 relative), as in test_half_caches_match_reference.
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(attention_cases(), st.sampled_from(FP8), st.sampled_from(SCALES), st.booleans(), st.booleans())
+def test_fp8_caches_match_reference(case, dtype, k_scale, tensor_scales, q_bf16):
+    event(str(dtype))
+    pc = build_paged_case(case)
+    k8, v8, deq, scales = fp8_inputs(pc, dtype, k_scale, tensor_scales)
+    q = pc["q"].to(torch.bfloat16) if q_bf16 else pc["q"]
+    want = run_ref(case, dict(pc, q=q, **deq))
+    got = run_kernel(case, pc, q=q, k_cache=dim_major(k8), v_cache=v8, **scales)  # vLLM's CPU layout
+    assert got.dtype == q.dtype and torch.isfinite(got).all()
+    tol = 2e-2 if q_bf16 else 1e-4
+    torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol)
+    # The reference's own fp8 path (dequantizing the blocks it gathers) is the same computation.
+    torch.testing.assert_close(run_ref(case, pc, q=q, k_cache=k8, v_cache=v8, **scales), want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", FP8)
+def test_fp8_with_per_seq_sinks(dtype):
+    """fp8 and per-sequence S together, against the reference fed the dequantized cache."""
+    case, pc, S = build_mixed_case(MIXED_SEQS, seed=21)
+    k8, v8, deq, scales = fp8_inputs(pc, dtype, 0.05, tensor_scales=True)
+    want = run_ref(case, dict(pc, **deq), sink_tokens=S, max_sink_tokens=13)
+    got = run_kernel(case, pc, k_cache=dim_major(k8), v_cache=v8, sink_tokens=S, max_sink_tokens=13, **scales)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    # The fp8 rounding is visible (the test would catch reading the cache as if it were exact).
+    assert (run_mixed_oracle(case, pc, S) - got.double()).abs().max() > 1e-3
+
+
+def test_fp8_refusals():
+    case, pc, _ = build_mixed_case(MIXED_SEQS[:2])
+    for fn in (paged_attention_ref, paged_attention_cpu):
+        with pytest.raises(ValueError, match="k_scale/v_scale"):
+            run_ref(case, pc, fn=fn, k_scale=0.5)  # a float32 cache is not scaled

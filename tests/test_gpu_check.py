@@ -27,7 +27,7 @@ SCRIPT = ROOT / "benchmarks" / "gpu_check.py"
 
 # every correctness row kind the device check must cover (issue 20, item 4)
 KINDS = {"decode", "prefill", "bf16", "fp16", "head_dim_64", "head_dim_128", "gqa_8to1", "learned_sinks",
-         "layer_window", "stale_gap", "mixed", "policy_off", "split_kv"}
+         "layer_window", "stale_gap", "mixed", "policy_off", "split_kv", "fp8_e4m3", "fp8_e5m2", "per_seq_sinks"}
 
 
 def run_check(tmp_path: Path, *args: str, timeout: int = 600) -> tuple[subprocess.CompletedProcess, dict | None]:

@@ -428,3 +428,51 @@ def test_gpu_prefill(d):
     dt = SinkPolicy(4, 4096, 16).dense_tokens
     seqs = [(2048, 2048), (dt + 1000, 2048), (3 * dt + 17, 1024), (dt - 5, 1), (2 * dt, 1)]
     _gpu_case(seqs, d, learned_sinks=True, seed=d).check()
+
+
+# ----------------------------------------------------------------------------
+# fp8 caches (issue 22)
+# ----------------------------------------------------------------------------
+def fp8_body(fp8, q_dtype, tensor_scales, decode_capture):
+    """An fp8 cache (x / scale rounded to fp8, as an engine stores it) against the
+    reference fed the same stored values dequantized (``x8.float() * scale``), with
+    per-sequence S. ``decode_capture``: the capture-safe decode call (KV splits, mask,
+    caller's workspace, device-tensor scales)."""
+    seqs = per_seq_sinks_seqs()[::2]
+    if decode_capture:
+        seqs = [(L, 1, S) for L, _, S in seqs]
+    case = Case([(L, q) for L, q, _ in seqs], seq_sinks=[S for *_, S in seqs], dtype=q_dtype,
+                learned_sinks=True, seed=100)
+    ks, vs = 0.05, 0.085  # |x| / scale stays far inside e4m3's 448
+    stored = {n: [(view.float() / sc).to(fp8) for view in case.kv[n]] for n, sc in (("k", ks), ("v", vs))}
+    scales = (dict(k_scale=torch.tensor([ks], device=DEV), v_scale=torch.tensor(vs, device=DEV)) if tensor_scales
+              else dict(k_scale=ks, v_scale=vs))
+    kw = dict(num_splits=3, max_query_len=1, workspace=torch.empty(1 << 16, device=DEV),
+              seq_mask=torch.ones(len(seqs), dtype=torch.int32, device=DEV)) if decode_capture else {}
+    out = ta.paged_attention(case.q, stored["k"][1], stored["v"][1], case.block_table, case.query_start_loc,
+                             case.seq_lens, case.scale, case.policy, case.rope, case.sinks,
+                             sink_tokens=case.seq_sinks, max_sink_tokens=case.max_sink_tokens, **scales, **kw)
+    ref = paged_attention_ref(case.q.float(), stored["k"][0].float() * ks, stored["v"][0].float() * vs,
+                              case.block_table, case.query_start_loc, case.seq_lens, case.scale, case.policy,
+                              case.rope, case.sinks, sink_tokens=case.seq_sinks, max_sink_tokens=case.max_sink_tokens)
+    assert out.dtype == q_dtype and torch.isfinite(out).all() and torch.isfinite(ref).all()
+    # Per row: fp8 values widen exactly to q's dtype (<= 3 mantissa bits, exponents in range), so the
+    # error is the kernel's usual one: fp32 summation order (1e-5), or for bf16/fp16 q the rounding of
+    # q and of the output to 8/11 significant bits (<= 2^-7 relative per element; 1e-2 per row).
+    tol = 1e-5 if q_dtype == torch.float32 else 1e-2
+    err = (out.float() - ref).norm(dim=(1, 2)) / ref.norm(dim=(1, 2))
+    assert (err < tol).all(), err.max().item()
+    # Reading the stored bytes as exact (no scale) is far off: the test sees the scales.
+    wrong = ta.paged_attention(case.q, stored["k"][1], stored["v"][1], case.block_table, case.query_start_loc,
+                               case.seq_lens, case.scale, case.policy, case.rope, case.sinks,
+                               sink_tokens=case.seq_sinks, max_sink_tokens=case.max_sink_tokens, **kw)
+    assert ((wrong.float() - ref).norm() / ref.norm()) > 0.5
+
+
+@pytest.mark.parametrize("fp8, q_dtype, tensor_scales, decode_capture", [
+    (torch.float8_e4m3fn, torch.float32, False, False),
+    (torch.float8_e5m2, torch.bfloat16, True, True),
+    (torch.float8_e4m3fn, torch.float16, True, False),
+])
+def test_fp8_cache_matches_reference(run, fp8, q_dtype, tensor_scales, decode_capture):
+    run(fp8_body, fp8, q_dtype, tensor_scales, decode_capture)

@@ -13,12 +13,16 @@
 //   * all items of a step in one parallel_for.
 // Cache views are [blocks, block_size, kv_heads, D] with any strides: vLLM's CPU
 // layout (keys transposed per block: offset stride 1) and SGLang's token pool
-// (block_size 1, d stride 1) both take a vectorised path.
+// (block_size 1, d stride 1) both take a vectorised path. fp8 caches (e4m3fn, e5m2;
+// vLLM's uint8 cache viewed as float8) are read in place too: k_scale is folded into
+// the query's scale and v_scale into the output, so a load is a bit conversion only.
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <c10/util/BFloat16.h>
+#include <c10/util/Float8_e4m3fn.h>
+#include <c10/util/Float8_e5m2.h>
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
@@ -26,6 +30,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -107,6 +112,30 @@ inline float load(c10::BFloat16 x) {
   std::memcpy(&f, &bits, sizeof f);
   return f;
 }
+// fp8 (kMant mantissa bits, exponent bias kBias) -> float, exact, and written without
+// branches so loops over it vectorise (a ?: here stopped gcc: 10-30x slower): a normal
+// number is its exponent/mantissa bits moved into place with the bias difference added;
+// a subnormal (exponent 0) is mantissa * 2^(1 - bias - kMant), computed in float (a float
+// subnormal would be slow); an integer mask picks one. Inf/NaN codes come out finite:
+// vLLM never writes them and the kernel reads written slots only.
+template <int kMant, int kBias>
+inline float fp8_to_float(uint8_t x) {
+  const uint32_t em = x & 0x7F;
+  const uint32_t normal = (em << (23 - kMant)) + (static_cast<uint32_t>(127 - kBias) << 23);
+  const float sub_f = static_cast<float>(static_cast<int32_t>(em)) *
+                      (1.0f / static_cast<float>(1u << (kBias + kMant - 1)));
+  uint32_t sub;
+  std::memcpy(&sub, &sub_f, sizeof sub);
+  const uint32_t is_sub = 0u - static_cast<uint32_t>((em >> kMant) == 0);  // all ones for a subnormal
+  const uint32_t bits = (sub & is_sub) | (normal & ~is_sub) | (static_cast<uint32_t>(x & 0x80) << 24);
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+inline float load(c10::Float8_e4m3fn x) { return fp8_to_float<3, 7>(x.x); }
+inline float load(c10::Float8_e5m2 x) { return fp8_to_float<2, 15>(x.x); }
+template <typename T>
+constexpr bool kIsFp8 = std::is_same_v<T, c10::Float8_e4m3fn> || std::is_same_v<T, c10::Float8_e5m2>;
 
 // exp(x) for x <= 0 (scores minus their running max), Cephes' expf polynomial
 // (~1 ulp): plain arithmetic, so loops over it vectorise (std::exp does not).
@@ -143,10 +172,13 @@ inline void score_tile_dim_major(const float* q, int64_t D, const KT* kblk, int6
     float t[kRows][kLanes] = {};
     for (int64_t d = 0; d < D; ++d) {
       const KT* kr = kblk + d * kd + o;
+      float kf[kLanes];  // converted once for all rows (an fp8 conversion is ~10 ops)
+#pragma omp simd
+      for (int64_t c = 0; c < kLanes; ++c) kf[c] = load(kr[c]);
       for (int64_t r = 0; r < kRows; ++r) {
         const float qd = q[r * D + d];
 #pragma omp simd
-        for (int64_t c = 0; c < kLanes; ++c) t[r][c] += qd * load(kr[c]);
+        for (int64_t c = 0; c < kLanes; ++c) t[r][c] += qd * kf[c];
       }
     }
     for (int64_t r = 0; r < kRows; ++r) std::copy_n(t[r], kLanes, s + r * s_stride + o);
@@ -162,20 +194,45 @@ inline void pv_tile(const float* p, int64_t p_stride, const KT* vblk, int64_t vo
     for (int64_t r = 0; r < kRows; ++r) std::copy_n(acc + r * D + d0, kLanes, t[r]);
     for (int64_t o = o0; o < o1; ++o) {
       const KT* vr = vblk + o * vo + d0;
+      float vf[kLanes];  // converted once for all rows
+#pragma omp simd
+      for (int64_t c = 0; c < kLanes; ++c) vf[c] = load(vr[c]);
       for (int64_t r = 0; r < kRows; ++r) {
         const float pr = p[r * p_stride + o];
 #pragma omp simd
-        for (int64_t c = 0; c < kLanes; ++c) t[r][c] += pr * load(vr[c]);
+        for (int64_t c = 0; c < kLanes; ++c) t[r][c] += pr * vf[c];
       }
     }
     for (int64_t r = 0; r < kRows; ++r) std::copy_n(t[r], kLanes, acc + r * D + d0);
   }
 }
 
+// src[i * s_outer + j] for i in [i0, i1), j in [j0, j1) -> dst[i * d_outer + j] in bf16.
+// An fp8 block read by several row tiles is widened once (else each 4-row tile would
+// convert it again: prefill ran 2x slower than bf16). To bf16, not float: every e4m3 /
+// e5m2 value is exact in bf16, and a float block (32 KB at 128 x 64) fell out of L1
+// (as slow as converting per tile).
+template <typename KT>
+inline void widen(const KT* src, int64_t s_outer, int64_t i0, int64_t i1, int64_t j0, int64_t j1,
+                  c10::BFloat16* dst, int64_t d_outer) {
+  for (int64_t i = i0; i < i1; ++i) {
+    const KT* r = src + i * s_outer;
+    c10::BFloat16* w = dst + i * d_outer;
+#pragma omp simd
+    for (int64_t j = j0; j < j1; ++j) {
+      const float f = load(r[j]);
+      uint32_t bits;
+      std::memcpy(&bits, &f, sizeof bits);
+      w[j] = c10::BFloat16(static_cast<uint16_t>(bits >> 16), c10::BFloat16::from_bits());  // exact
+    }
+  }
+}
+
 template <typename KT, typename QT>
 void run_item(const Item& it, int64_t h, const Policy& P, const Rope* rope, const Cache<KT>& C,
               const QT* q, QT* out, int64_t q_row_stride, int64_t Hq, int64_t Hkv, int64_t D,
-              const BlockTable& table, const float* sinks, int64_t sw, float scale, std::vector<float>& buf) {
+              const BlockTable& table, const float* sinks, int64_t sw, float scale, float v_scale,
+              std::vector<float>& buf) {
   const int64_t G = Hq / Hkv, nq = it.n * G, bs = P.bs, j = it.j;
   const int64_t nqp = (nq + kRows - 1) / kRows * kRows;  // rows padded to whole tiles (zero queries)
   const bool streaming = P.streaming(j);
@@ -183,7 +240,11 @@ void run_item(const Item& it, int64_t h, const Policy& P, const Rope* rope, cons
   const int64_t gblocks = std::max<int64_t>(1, kGroupKeys / bs), gcols = gblocks * bs;
   const bool tiled_k = C.kd != 1 && C.ko == 1 && bs % kLanes == 0 && D % kLanes == 0;
   const bool tiled_v = C.vd == 1 && D % kLanes == 0;
+  const bool widen_fp8 = kIsFp8<KT> && nqp > kRows;  // several row tiles read each block
   buf.resize(nqp * D * 3 + nqp * gcols + nqp * 2 + 2 * std::max<int64_t>(half, 1));
+  thread_local std::vector<c10::BFloat16> wide_buf;  // [bs * D] an fp8 block widened (widen_fp8)
+  if (widen_fp8) wide_buf.resize(bs * D);
+  c10::BFloat16* wide = wide_buf.data();
   std::fill_n(buf.data(), nqp * D * 2, 0.f);  // queries (padding rows stay 0) and accumulators
   float* qf = buf.data();         // [nqp, D] the item's queries (a = qi * G + g), scaled
   float* acc = qf + nqp * D;      // [nqp, D]
@@ -252,8 +313,14 @@ void run_item(const Item& it, int64_t h, const Policy& P, const Rope* rope, cons
       float* sg = s + gi * bs;
       if (tiled_k) {  // vLLM's layout: whole lane groups (the block's slots all exist)
         const int64_t o0 = blo / kLanes * kLanes, o1 = (bhi + kLanes - 1) / kLanes * kLanes;
-        for (int64_t a0 = 0; a0 < nqp; a0 += kRows)
-          score_tile_dim_major(qb + a0 * D, D, kblk, C.kd, o0, o1, sg + a0 * gcols, gcols);
+        if (widen_fp8) {  // keys stay dim-major: [D, bs]
+          widen(kblk, C.kd, 0, D, o0, o1, wide, bs);
+          for (int64_t a0 = 0; a0 < nqp; a0 += kRows)
+            score_tile_dim_major(qb + a0 * D, D, wide, bs, o0, o1, sg + a0 * gcols, gcols);
+        } else {
+          for (int64_t a0 = 0; a0 < nqp; a0 += kRows)
+            score_tile_dim_major(qb + a0 * D, D, kblk, C.kd, o0, o1, sg + a0 * gcols, gcols);
+        }
       } else {
         for (int64_t a = 0; a < nqp; ++a) {
           float* sa = sg + a * gcols;
@@ -322,7 +389,11 @@ void run_item(const Item& it, int64_t h, const Policy& P, const Rope* rope, cons
     // 3. P.V over the union ranges.
     for (int64_t gi = 0; gi < ng; ++gi) {
       if (ulo[gi] >= uhi[gi]) continue;
-      if (tiled_v) {
+      if (tiled_v && widen_fp8) {  // values token-major: [bs, D]
+        widen(vblk[gi], C.vo, ulo[gi], uhi[gi], 0, D, wide, D);
+        for (int64_t a0 = 0; a0 < nqp; a0 += kRows)
+          pv_tile(s + a0 * gcols + gi * bs, gcols, wide, D, ulo[gi], uhi[gi], acc + a0 * D, D);
+      } else if (tiled_v) {
         for (int64_t a0 = 0; a0 < nqp; a0 += kRows)
           pv_tile(s + a0 * gcols + gi * bs, gcols, vblk[gi], C.vo, ulo[gi], uhi[gi], acc + a0 * D, D);
       } else {
@@ -341,7 +412,7 @@ void run_item(const Item& it, int64_t h, const Policy& P, const Rope* rope, cons
     for (int64_t g = 0; g < G; ++g) {
       const int64_t a = qi * G + g;
       QT* o = out + (it.row0 + qi) * q_row_stride + (h * G + g) * D;
-      const float inv = 1.f / l[a];
+      const float inv = v_scale / l[a];  // v_scale: an fp8 cache's values are read unscaled
       for (int64_t d = 0; d < D; ++d) o[d] = static_cast<QT>(acc[a * D + d] * inv);
     }
 }
@@ -352,6 +423,7 @@ void run_item(const Item& it, int64_t h, const Policy& P, const Rope* rope, cons
 // window_blocks < 0: no policy. rope_table [(Wb + 1), half, 2] + inv_freq [half] float32.
 // seq_ids: only these sequences' rows are computed (the others' rows are left untouched).
 // seq_sinks [seqs] int64: each sequence's own sink length (None: sink_tokens for all).
+// k_scale/v_scale: an fp8 cache's dequantization factors (k = k_fp8 * k_scale); 1 otherwise.
 void paged_attention(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cache,
                      const at::Tensor& v_cache, const at::Tensor& block_table,
                      const c10::optional<at::Tensor>& table_rows, const at::Tensor& query_start_loc,
@@ -360,10 +432,13 @@ void paged_attention(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_c
                      const c10::optional<at::Tensor>& rope_table, const c10::optional<at::Tensor>& inv_freq,
                      int64_t rotary_dim, bool neox, const c10::optional<at::Tensor>& sinks,
                      int64_t sliding_window, const c10::optional<at::Tensor>& seq_ids,
-                     const c10::optional<at::Tensor>& seq_sinks) {
+                     const c10::optional<at::Tensor>& seq_sinks, double k_scale, double v_scale) {
+  const bool fp8 = k_cache.scalar_type() == at::kFloat8_e4m3fn || k_cache.scalar_type() == at::kFloat8_e5m2;
   TORCH_CHECK(q.scalar_type() == out.scalar_type() &&
-              (q.scalar_type() == at::kFloat || q.scalar_type() == k_cache.scalar_type()),
-              "q/out: float32 or the cache's dtype");
+              (q.scalar_type() == at::kFloat || (!fp8 && q.scalar_type() == k_cache.scalar_type()) ||
+               (fp8 && (q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kHalf))),
+              "q/out: float32 or the cache's dtype (bf16/fp16 with an fp8 cache)");
+  TORCH_CHECK(fp8 || (k_scale == 1.0 && v_scale == 1.0), "k_scale/v_scale apply to fp8 caches only");
   TORCH_CHECK(q.is_contiguous() && out.is_contiguous() && q.sizes() == out.sizes(), "q/out: same shape, contiguous");
   TORCH_CHECK(k_cache.dim() == 4 && v_cache.dim() == 4, "caches are [blocks, block_size, kv_heads, D]");
   TORCH_CHECK(block_table.scalar_type() == at::kLong || block_table.scalar_type() == at::kInt,
@@ -421,7 +496,8 @@ void paged_attention(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_c
   const bool i32 = block_table.scalar_type() == at::kInt;
   BlockTable table{i32 ? block_table.data_ptr<int32_t>() : nullptr, i32 ? nullptr : block_table.data_ptr<int64_t>(),
                    block_table.stride(0), table_rows.has_value() ? table_rows->data_ptr<int64_t>() : nullptr};
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, k_cache.scalar_type(), "sink_attention_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND4(at::kBFloat16, at::kHalf, at::kFloat8_e4m3fn, at::kFloat8_e5m2,
+                                  k_cache.scalar_type(), "sink_attention_cpu", [&] {
     TORCH_CHECK(v_cache.scalar_type() == k_cache.scalar_type(), "k/v cache dtypes differ");
     Cache<scalar_t> C{k_cache.data_ptr<scalar_t>(), v_cache.data_ptr<scalar_t>(),
                       k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), k_cache.stride(3),
@@ -432,12 +508,19 @@ void paged_attention(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_c
         for (int64_t w = begin; w < end; ++w) {
           const Item& it = items[w / Hkv];
           run_item(it, w % Hkv, seq_S ? P.with_sinks(seq_S[it.seq]) : P, P.on ? &rope : nullptr, C, qp, op,
-                   Hq * D, Hq, Hkv, D, table, sink_ptr, sliding_window, static_cast<float>(scale), buf);
+                   Hq * D, Hq, Hkv, D, table, sink_ptr, sliding_window, static_cast<float>(scale * k_scale),
+                   static_cast<float>(v_scale), buf);
         }
       });
     };
-    if (q.scalar_type() == at::kFloat) run(q.data_ptr<float>(), out.data_ptr<float>());
-    else run(q.data_ptr<scalar_t>(), out.data_ptr<scalar_t>());
+    if (q.scalar_type() == at::kFloat) {
+      run(q.data_ptr<float>(), out.data_ptr<float>());
+    } else if constexpr (kIsFp8<scalar_t>) {  // q/out in the model's dtype
+      if (q.scalar_type() == at::kBFloat16) run(q.data_ptr<c10::BFloat16>(), out.data_ptr<c10::BFloat16>());
+      else run(q.data_ptr<c10::Half>(), out.data_ptr<c10::Half>());
+    } else {
+      run(q.data_ptr<scalar_t>(), out.data_ptr<scalar_t>());
+    }
   });
 }
 
@@ -447,7 +530,7 @@ TORCH_LIBRARY(streaming_sink, m) {
   m.def("paged_attention(Tensor(a!) out, Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_table, "
         "Tensor? table_rows, Tensor query_start_loc, Tensor seq_lens, float scale, int sink_tokens, int window_blocks, "
         "Tensor? rope_table, Tensor? inv_freq, int rotary_dim, bool neox, Tensor? sinks, "
-        "int sliding_window, Tensor? seq_ids, Tensor? seq_sinks) -> ()");
+        "int sliding_window, Tensor? seq_ids, Tensor? seq_sinks, float k_scale, float v_scale) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(streaming_sink, CPU, m) { m.impl("paged_attention", &paged_attention); }
