@@ -12,6 +12,8 @@ function of how far the stream has gone (StreamingLLM, Fig. 3/5). Configurations
   collapses). The sink block is taken out of the window budget: ``W = C - ceil(n/bs)*bs``,
   so every configuration of one ``C`` holds exactly the same KV blocks (window-only
   attends the most tokens; see docs/streaming-perplexity.md).
+* ``<config>:<kv-cache-dtype>`` -- the same with vLLM's ``--kv-cache-dtype`` (``S4@1024:fp8_e4m3``,
+  ``dense:fp8_e5m2``): an fp8 KV cache under the policy ([fp8-kv-cache.md](../docs/fp8-kv-cache.md)).
 
     .venv/bin/python benchmarks/streaming_perplexity.py                      # 32768 tokens, all configs
     .venv/bin/python benchmarks/streaming_perplexity.py --tokens 16384 --configs dense,S0@1024,S4@1024
@@ -72,6 +74,7 @@ class Config:
     name: str
     sinks: int | None = None
     cache: int | None = None  # KV token slots per request: sink blocks + window
+    kv_dtype: str | None = None  # vLLM's --kv-cache-dtype (None: auto, the model's dtype)
 
     @property
     def dense(self) -> bool:
@@ -89,23 +92,27 @@ class Config:
         return window
 
     def label(self, block_size: int) -> str:
+        kv = f", KV {self.kv_dtype}" if self.kv_dtype else ""
         if self.dense:
-            return "dense (stock vLLM)"
+            return f"dense (stock vLLM){kv}"
         if self.sinks == 0:
-            return f"window only, W={self.window(block_size)}"
-        return f"{self.sinks} sink{'s' if self.sinks > 1 else ''} + W={self.window(block_size)}"
+            return f"window only, W={self.window(block_size)}{kv}"
+        return f"{self.sinks} sink{'s' if self.sinks > 1 else ''} + W={self.window(block_size)}{kv}"
 
 
 def parse_config(text: str) -> Config:
-    """``dense``, ``S<n>@<cache>`` (``n`` sinks), or ``window@<cache>`` (= ``S0@<cache>``)."""
-    text = text.strip()
+    """``dense``, ``S<n>@<cache>`` (``n`` sinks), or ``window@<cache>`` (= ``S0@<cache>``),
+    each optionally ``:<kv-cache-dtype>`` (e.g. ``S4@1024:fp8_e4m3``)."""
+    text, _, kv = text.strip().partition(":")
+    suffix = f":{kv}" if kv else ""
     if text == "dense":
-        return Config("dense")
+        return Config("dense" + suffix, kv_dtype=kv or None)
     m = re.fullmatch(r"(?:S(\d+)|window)@(\d+)", text)
     if not m:
-        raise argparse.ArgumentTypeError(f"bad config {text!r}: use dense, S<sinks>@<cache> or window@<cache>")
+        raise argparse.ArgumentTypeError(f"bad config {text!r}: use dense, S<sinks>@<cache> or window@<cache>"
+                                         f" (each optionally :<kv-cache-dtype>)")
     sinks = int(m.group(1) or 0)
-    return Config(f"S{sinks}@{m.group(2)}", sinks, int(m.group(2)))
+    return Config(f"S{sinks}@{m.group(2)}{suffix}", sinks, int(m.group(2)), kv or None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -170,6 +177,8 @@ def make_engine(model: str, cfg: Config, n_tokens: int, block_size: int = 32, ch
     args = dict(model=model, block_size=block_size, dtype=dtype or model_dtype(model), seed=0,
                 max_num_batched_tokens=chunk, max_num_seqs=1, enable_prefix_caching=False,
                 enforce_eager=eager)
+    if cfg.kv_dtype:
+        args.update(kv_cache_dtype=cfg.kv_dtype)
     if cfg.dense:
         args.update(max_model_len=context_of(model))
     else:
@@ -274,6 +283,7 @@ def run_config(model: str, cfg: Config, ids: list[int], block_size: int = 32, ch
     sums, counts = bucket_sums(nll)
     return {
         "config": cfg.name, "label": cfg.label(block_size), "sinks": cfg.sinks, "cache": cfg.cache,
+        "kv_cache_dtype": cfg.kv_dtype or "auto",
         "window": cfg.window(block_size), "block_size": block_size, "chunk": chunk, "dtype": dtype,
         "tokens": len(prompt), "init_s": round(init_s, 1), "run_s": round(run_s, 1),
         "tokens_per_s": round(len(prompt) / run_s, 1), "ppl": math.exp(float(nll.mean())),
@@ -288,20 +298,20 @@ def run_config(model: str, cfg: Config, ids: list[int], block_size: int = 32, ch
 
 def table(results: list[dict], tokens: int) -> str:
     marks = [m for m in MARKS if m <= tokens]
-    head = f"{'config':<10}{'attention':<22}" + "".join(f"{f'@{m // 1024}k':>8}" for m in marks)
+    head = f"{'config':<18}{'attention':<34}" + "".join(f"{f'@{m // 1024}k':>8}" for m in marks)
     lines = ["cumulative perplexity of the first N tokens", head]
     for r in results:
         cells = [cumulative_ppl(r, m) for m in marks]
-        lines.append(f"{r['config']:<10}{r['label']:<22}" + "".join(
+        lines.append(f"{r['config']:<18}{r['label']:<34}" + "".join(
             f"{c:>8.2f}" if c is not None else f"{'-':>8}" for c in cells))
     lines += ["", "perplexity of the 1024 tokens ending at N", head]
     for r in results:
         cells = [ppl(r, m - 1024, m) for m in marks]
-        lines.append(f"{r['config']:<10}{r['label']:<22}" + "".join(
+        lines.append(f"{r['config']:<18}{r['label']:<34}" + "".join(
             f"{c:>8.2f}" if c is not None else f"{'-':>8}" for c in cells))
-    lines += ["", f"{'config':<10}{'tokens':>8}{'ppl':>9}{'run s':>9}{'tok/s':>8}{'init s':>8}"]
+    lines += ["", f"{'config':<18}{'tokens':>8}{'ppl':>9}{'run s':>9}{'tok/s':>8}{'init s':>8}"]
     for r in results:
-        lines.append(f"{r['config']:<10}{r['tokens']:>8}{r['ppl']:>9.2f}{r['run_s']:>9.1f}"
+        lines.append(f"{r['config']:<18}{r['tokens']:>8}{r['ppl']:>9.2f}{r['run_s']:>9.1f}"
                      f"{r['tokens_per_s']:>8.1f}{r['init_s']:>8.1f}")
     return "\n".join(lines)
 
@@ -348,7 +358,8 @@ def plot(results: list[dict], path: str | os.PathLike, context: int | None = Non
             lo, hi, xmax = min(lo, y.min()), max(hi, y.max()), max(xmax, int(x.max()))
             # Sink curves may coincide: thinner lines on top keep every one visible.
             style = dict(color="black", lw=2.0, ls="--", zorder=5) if r["sinks"] is None else \
-                dict(color=colors.get(r["sinks"]), lw=widths.get(r["sinks"], 1.0))
+                dict(color=colors.get(r["sinks"]), lw=widths.get(r["sinks"], 1.0),
+                     ls=":" if r.get("kv_cache_dtype", "auto") != "auto" else "-")  # fp8 KV dotted
             ax.plot(x, y, label=r["label"], **style)
         ax.set_title(f"KV budget: {cache} token slots per request" if cache else "", fontsize=10)
         ax.set_xlabel("tokens processed (one prompt, teacher-forced)")
