@@ -2,8 +2,8 @@
 
 SGLang reserves a request's whole length in the KV pool (prompt + every new token) and
 caps a request's length at the pool's size. Under the policy a request never holds more
-than its live bound, ``S + W + 1 + chunk`` slots, so that is what it claims, and the
-longest request is ``--context-length``. With ``state.policy`` None every hook passes
+than its live bound, ``S + W + 1 + chunk`` slots (its own ``S``: per-request sinks), so
+that is what it claims, and the longest request is ``--context-length``. With ``state.policy`` None every hook passes
 through unchanged. No SGLang import.
 """
 
@@ -13,8 +13,12 @@ from . import config as sink_config
 from .state import state
 
 
-def _demand_cap(chunk: int | None = None) -> int:
-    policy = state.policy
+def _demand_cap(chunk: int | None = None, req=None) -> int:
+    """The live bound of ``req`` (its own ``S``); with no request at hand (PrefillBudget's
+    calls outside ``add_one_req``, e.g. a chunked continuation) that of the largest ``S``
+    a request may carry."""
+    req = req if req is not None else state.admitting
+    policy = state.policy_of(req) if req is not None else state.policy_for(state.max_sink_tokens)
     return policy.max_live_blocks(max(chunk or 1, 1)) * policy.block_size
 
 
@@ -43,20 +47,23 @@ def reserve(original, budget, extend_input_len, max_new_tokens, **kwargs):
 def add_one_req(original, adder, req, *args, **kwargs):
     """AROUND ``PrefillAdder.add_one_req``: ``ignore_eos`` requests take the normal path
     (SGLang's ignore-eos estimate assumes every generated token stays in the pool)."""
-    if state.policy is None or not req.sampling_params.ignore_eos:
+    if state.policy is None:
         return original(adder, req, *args, **kwargs)
+    ignore_eos = req.sampling_params.ignore_eos
     req.sampling_params.ignore_eos = False  # read only to pick the admission path
+    state.admitting = req  # PrefillBudget's checks inside see its own live bound
     try:
         return original(adder, req, *args, **kwargs)
     finally:
-        req.sampling_params.ignore_eos = True
+        req.sampling_params.ignore_eos = ignore_eos
+        state.admitting = None
 
 
 def running_offset(original, adder, req):
     """AROUND ``PrefillAdder._get_running_request_total_token_offset``: a running request
     still claims its live bound at most."""
     offset = original(adder, req)
-    return offset if state.policy is None else min(offset, _demand_cap())
+    return offset if state.policy is None else min(offset, _demand_cap(req=req))
 
 
 def request_limits(result, scheduler, *args, **kwargs):

@@ -29,16 +29,20 @@ def token_pool_attention(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torc
                          seq_lens: torch.Tensor, qsl: torch.Tensor, scale: float,
                          policy: SinkPolicy, rope: RotaryParams, out: torch.Tensor,
                          sinks: torch.Tensor | None = None, sliding_window: int | None = None,
-                         seq_ids: torch.Tensor | None = None) -> torch.Tensor:
+                         seq_ids: torch.Tensor | None = None, sink_tokens: torch.Tensor | None = None,
+                         max_sink_tokens: int | None = None) -> torch.Tensor:
     """``q``/``out`` [tokens, Hq, D] (requests back to back at offsets ``qsl``, request ``i``'s
     queries the last positions of ``seq_lens[i]``); ``k_buffer``/``v_buffer`` [slots, Hkv, D];
     request ``i``'s slot ids by token position are ``req_to_token[req_pool_indices[i]]``.
-    ``seq_ids``: compute only these requests' rows (CPU)."""
+    ``seq_ids``: compute only these requests' rows (CPU). ``sink_tokens``: request ``i``'s
+    own ``S`` (None: ``policy.sink_tokens`` for all), at most ``max_sink_tokens``."""
     if policy.block_size != 1:
         raise ValueError(f"SGLang's token pool is paged by 1, the policy by {policy.block_size}")
     k_cache = k_buffer.view(-1, 1, *k_buffer.shape[1:])  # slot s = block s
     v_cache = v_buffer.view(-1, 1, *v_buffer.shape[1:])
     kwargs = dict(policy=policy, rope=rope, sinks=sinks, sliding_window=sliding_window, out=out)
+    if sink_tokens is not None:
+        kwargs.update(sink_tokens=sink_tokens, max_sink_tokens=max_sink_tokens)
     if q.is_cuda:  # the GPU slot: the core's Triton kernels, same API
         from streaming_sink.triton_attention import paged_attention
 

@@ -13,7 +13,14 @@ per-request SDPA loop) with the contract's attention. Once per step it splits th
   token pool and ``req_to_token`` in place (attention.py); on CUDA, every row the Triton one.
 
 A model with learned sinks (GPT-OSS), which torch_native cannot compute, sends its dense
-requests to the core's paths too. Imports SGLang: loaded only in SGLang's processes.
+requests to the core's paths too.
+
+Per-request sinks: each request has its own ``S`` (state.sink_tokens_of), so its own dense
+bound ``S + W + 1``, positions, prefill chunk policy and the kernel's per-sequence
+``sink_tokens``; ``remap_positions`` reads them off the step's requests once and leaves them on
+``state.step_sinks`` (None when every request has the server's ``S``: the old path; not on the
+ForwardBatch, which SGLang's eager runner copies field by field before the forward).
+Imports SGLang: loaded only in SGLang's processes.
 """
 
 from __future__ import annotations
@@ -50,10 +57,12 @@ class StepPlan:
     queries, first position) for ``chunk_attention``."""
 
     split: StepSplit  # dense requests: torch_native's SDPA (layers without learned sinks)
-    chunks: list[tuple[int, int, int, int]]  # streaming requests' prefill chunks
-    dense_chunks: list[tuple[int, int, int, int]]  # dense ones' (learned-sink layers only)
+    chunks: list[tuple[int, int, int, int, SinkPolicy]]  # streaming requests' prefill chunks (+ own policy)
+    dense_chunks: list[tuple[int, int, int, int, SinkPolicy]]  # dense ones' (learned-sink layers only)
     kernel: torch.Tensor | None  # the other streaming requests: the core's kernel; None: none
     kernel_all: torch.Tensor | None  # every request not in a chunk (learned-sink layers); None: none
+    sinks: torch.Tensor | None = None  # per-request S (the kernel's sink_tokens); None: the server's
+    max_sinks: int | None = None  # its largest value
 
 
 class StreamingSinkAttnBackend(TorchNativeAttnBackend):
@@ -65,6 +74,7 @@ class StreamingSinkAttnBackend(TorchNativeAttnBackend):
         self.ropes = layer_ropes(model_runner.model, policy)
         self.plan: StepPlan | None = None
         self.qsl = None
+        self.sinks: torch.Tensor | None = None  # this step's per-request S (CUDA; CPU: in the plan)
         if model_runner.device == "cpu":
             from streaming_sink.cpu_attention import load
 
@@ -74,31 +84,37 @@ class StreamingSinkAttnBackend(TorchNativeAttnBackend):
         """Once per step: the requests' query offsets and which path each takes."""
         super().init_forward_metadata(forward_batch)
         fb = forward_batch
-        self.plan = self.qsl = None
+        self.plan = self.qsl = self.sinks = None
         if fb.seq_lens is None or fb.forward_mode.is_idle():
             return
         extend = fb.forward_mode.is_extend()
         q_lens = fb.extend_seq_lens if extend else torch.ones_like(fb.seq_lens)
         self.qsl = query_start_loc(q_lens)
-        if fb.seq_lens.is_cuda:
-            return  # the Triton kernel takes the whole batch
-        self.plan = self._plan(fb.seq_lens, self.qsl, fb.req_pool_indices, extend)
+        sinks = state.take_step_sinks(fb.seq_lens)
+        if fb.seq_lens.is_cuda:  # the Triton kernel takes the whole batch
+            self.sinks = None if sinks is None else sinks.to(fb.seq_lens.device)
+            return
+        self.plan = self._plan(fb.seq_lens, self.qsl, fb.req_pool_indices, extend, sinks)
 
-    def _plan(self, seq_lens, qsl, pool_rows, extend: bool) -> StepPlan:
-        split = split_step(self.policy, seq_lens, qsl)
+    def _plan(self, seq_lens, qsl, pool_rows, extend: bool, sinks: torch.Tensor | None = None) -> StepPlan:
         lens, starts, rows = seq_lens.tolist(), qsl.tolist(), pool_rows.tolist()
+        # each request's own dense bound S + W + 1
+        split = split_step(self.policy, seq_lens, qsl, sink_tokens=sinks)
+        policies = [self.policy] * len(lens) if sinks is None else [state.policy_for(s) for s in sinks.tolist()]
         chunks, dense_chunks, rest = [], [], []
-        for i, (n, row, lo, hi) in enumerate(zip(lens, rows, starts, starts[1:])):
+        for i, (n, row, lo, hi, policy) in enumerate(zip(lens, rows, starts, starts[1:], policies)):
             if extend and hi - lo >= PREFILL_MIN_QUERIES:
-                (dense_chunks if n <= self.policy.dense_tokens else chunks).append((row, lo, hi - lo, n - (hi - lo)))
+                (dense_chunks if n <= policy.dense_tokens else chunks).append(
+                    (row, lo, hi - lo, n - (hi - lo), policy))
             else:
                 rest.append(i)
-        streaming_rest = [i for i in rest if lens[i] > self.policy.dense_tokens]
+        streaming_rest = [i for i in rest if lens[i] > policies[i].dense_tokens]
 
         def ids(xs):
             return torch.tensor(xs, dtype=torch.long) if xs else None
 
-        return StepPlan(split, chunks, dense_chunks, ids(streaming_rest), ids(rest))
+        return StepPlan(split, chunks, dense_chunks, ids(streaming_rest), ids(rest), sinks,
+                        None if sinks is None else int(sinks.max()))
 
     def _run(self, q, k, v, layer, fb, save_kv_cache, extend, sinks=None, **_):
         if layer.qk_head_dim != layer.v_head_dim or layer.is_cross_attention:
@@ -119,7 +135,8 @@ class StreamingSinkAttnBackend(TorchNativeAttnBackend):
         plan = self.plan
         if plan is None:  # CUDA: the core's Triton kernel for every row
             token_pool_attention(q_, k_buf, v_buf, table, fb.req_pool_indices, fb.seq_lens, self.qsl,
-                                 layer.scaling, self.policy, rope, o, sinks=sinks, sliding_window=layer_window)
+                                 layer.scaling, self.policy, rope, o, sinks=sinks, sliding_window=layer_window,
+                                 sink_tokens=self.sinks, max_sink_tokens=state.max_sink_tokens)
             return o.view(n, -1)
         chunks, kernel = plan.chunks, plan.kernel
         if sinks is None:  # torch_native has no learned sinks
@@ -127,13 +144,13 @@ class StreamingSinkAttnBackend(TorchNativeAttnBackend):
                 self._stock_rows(q_, o, layer, fb, extend, sw, plan.split.dense_ids, plan.split.dense_rows)
         else:
             chunks, kernel = chunks + plan.dense_chunks, plan.kernel_all
-        for row, lo, count, first_t in chunks:
-            chunk_attention(q_[lo:lo + count], k_buf, v_buf, table[row], first_t, layer.scaling, self.policy,
+        for row, lo, count, first_t, policy in chunks:  # each with its own S
+            chunk_attention(q_[lo:lo + count], k_buf, v_buf, table[row], first_t, layer.scaling, policy,
                             rope, o[lo:lo + count], sinks=sinks, sliding_window=layer_window)
         if kernel is not None:
             token_pool_attention(q_, k_buf, v_buf, table, fb.req_pool_indices, fb.seq_lens, self.qsl,
                                  layer.scaling, self.policy, rope, o, sinks=sinks, sliding_window=layer_window,
-                                 seq_ids=kernel)
+                                 seq_ids=kernel, sink_tokens=plan.sinks, max_sink_tokens=plan.max_sinks)
         return o.view(n, -1)
 
     def _stock_rows(self, q_, o, layer, fb, extend, sw, dense, rows):
@@ -186,6 +203,7 @@ def build_backend(original, *, model_runner, backend_str, init_new_workspace):
                         init_new_workspace=init_new_workspace)
     model_runner.init_new_workspace = init_new_workspace
     state.policy = policy  # this process serves a model under the policy: the other hooks act
+    state.max_sink_tokens = sink_config.max_sink_tokens_of(model_runner.server_args)
     backend = StreamingSinkAttnBackend(model_runner, policy)
     logger.info("streaming-sink: %s; %d attention layers use positions inside the cache",
                 policy.describe(), len(backend.ropes))
@@ -193,9 +211,24 @@ def build_backend(original, *, model_runner, backend_str, init_new_workspace):
 
 
 def remap_positions(result, cls, batch, *args, **kwargs):
-    """AFTER ``ForwardBatch.init_new``: positions -> ``pos(t)``, so the model's own RoPE
-    writes every key at its cache position (state.policy is set with the backend, before
-    any forward)."""
-    if state.policy is not None and result.positions is not None:
-        result.positions = state.policy.cache_position(result.positions)
+    """AFTER ``ForwardBatch.init_new``: positions -> ``pos(t)`` (each request's own ``S``),
+    so the model's own RoPE writes every key at its cache position (state.policy is set
+    with the backend, before any forward). The step's per-request ``S`` stays on the
+    scheduler state (``state.step_sinks``) for the backend's next ``init_forward_metadata``."""
+    policy = state.policy
+    state.step_sinks = None
+    if policy is None or result.positions is None:
+        return result
+    per_req = [state.sink_tokens_of(req) for req in batch.reqs]
+    if all(s == policy.sink_tokens for s in per_req):
+        result.positions = policy.cache_position(result.positions)
+        return result
+    if len(per_req) != len(result.seq_lens):
+        raise RuntimeError(f"streaming-sink: {len(per_req)} requests for {len(result.seq_lens)} sequences")
+    sinks = torch.tensor(per_req, dtype=torch.int64)
+    state.step_sinks = (len(per_req), sinks)
+    per_token = sinks.to(result.positions.device)
+    if result.forward_mode.is_extend():  # a request's S for each of its queries
+        per_token = torch.repeat_interleave(per_token, result.extend_seq_lens.to(per_token.device).long())
+    result.positions = policy.cache_position(result.positions, per_token.to(result.positions.dtype))
     return result

@@ -8,7 +8,7 @@ No SGLang import here.
 
 from __future__ import annotations
 
-from streaming_sink.flags import DEFAULT_STREAM_LEN, FLAGS, policy_from_settings  # noqa: F401 (re-exported)
+from streaming_sink.flags import DEFAULT_STREAM_LEN, FLAGS, max_sink_tokens, policy_from_settings  # noqa: F401
 from streaming_sink.policy import SinkPolicy
 
 ATTR = "streaming_sink"
@@ -21,3 +21,20 @@ DEFAULT_MAX_RUNNING_REQUESTS = 64
 def policy_of(server_args) -> SinkPolicy | None:
     """The resolved policy a ServerArgs carries (None: policy off)."""
     return policy_from_settings(getattr(server_args, ATTR, None))
+
+
+def settings_of(server_args) -> dict | None:
+    """The resolved settings a ServerArgs carries (None: policy off)."""
+    return getattr(server_args, ATTR, None)
+
+
+def max_sink_tokens_of(server_args) -> int:
+    """The largest ``S`` a request may carry: ``--max-sink-tokens`` (the core's check keeps
+    it >= the server's ``--sink-tokens``; per-request sinks, docs/sglang.md)."""
+    return max(policy_of(server_args).sink_tokens, max_sink_tokens(settings_of(server_args)))
+
+
+def largest_policy(server_args) -> SinkPolicy:
+    """The server's policy with the largest ``S`` a request may carry: its bounds bound
+    every request's."""
+    return policy_of(server_args).with_sinks(max_sink_tokens_of(server_args))

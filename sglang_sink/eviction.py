@@ -1,8 +1,8 @@
 """Touch points 4 and 5 (hooks.py): the window's slots go back through SGLang's allocator.
 
 SGLang calls ``ScheduleBatch.maybe_evict_swa()`` before every allocation (its hook for
-freeing sliding-window slots); ours runs after it: for each request,
-``SinkPolicy.freeable_prefix_blocks`` gives the row range no later query reads, and
+freeing sliding-window slots); ours runs after it: for each request, its own policy's
+(its ``S``: state.policy_of) ``freeable_prefix_blocks`` gives the row range no later query reads, and
 those slot ids go back with ``token_to_kv_pool_allocator.free``. Freed ids stay in the
 request's ``req_to_token`` row (attention never reads them); its cursor (pool.py) makes
 the final ``BasePrefixCache.free_kv_row`` skip them, so every slot is freed exactly once,
@@ -19,8 +19,7 @@ from .trace import record_step
 def evict(original, batch):
     """AROUND ``ScheduleBatch.maybe_evict_swa(self)``."""
     original(batch)
-    policy = state.policy
-    if policy is None:
+    if state.policy is None:
         return
     allocator = batch.token_to_kv_pool_allocator
     rows = batch.req_to_token_pool.req_to_token
@@ -33,9 +32,9 @@ def evict(original, batch):
         # Tokens whose KV is in the cache before this step's allocation.
         done = int(batch.prefix_lens[idx]) if extend else req.seqlen - 1
         done = min(done, kv.kv_committed_len)
-        cursor = state.cursor(kv)
+        cursor = state.cursor(kv, state.policy_of(req))
         before = cursor.held(kv.kv_allocated_len)  # since the previous step's allocation
-        span = cursor.advance(policy, done)
+        span = cursor.advance(done)
         if span is not None:
             allocator.free(rows[kv.req_pool_idx, span[0]:span[1]])
             recycled += span[1] - span[0]

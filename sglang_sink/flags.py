@@ -1,7 +1,7 @@
 """Touch point 1 (hooks.py): the flags, their refusals and the engine defaults.
 
-``--kv-policy``, ``--sink-tokens``, ``--sink-window`` on the stock launcher (and its
-``--help``) and as ``sglang.Engine`` keywords. The policy is resolved and every refusal
+``--kv-policy``, ``--sink-tokens``, ``--sink-window``, ``--max-sink-tokens`` on the stock
+launcher (and its ``--help``) and as ``sglang.Engine`` keywords. The policy is resolved and every refusal
 raised here, at startup, in the main process: ServerArgs is a msgspec Struct (no new
 fields), so the settings ride as one extra attribute (config.py), which SGLang pickles
 to its children. The rule: a flag the user set is honoured or refused naming it; only a
@@ -40,13 +40,15 @@ def from_cli_args(original, cls, args):
     return server_args
 
 
-def engine_server_args(engine, *args, kv_policy=None, sink_tokens=None, sink_window=None, **kwargs):
+def engine_server_args(engine, *args, kv_policy=None, sink_tokens=None, sink_window=None,
+                       max_sink_tokens=None, **kwargs):
     """``sglang.Engine(**kwargs)`` builds its ServerArgs through this class attribute
     (looked up after Engine.__init__ loads plugins); ServerArgs refuses unknown keywords."""
     from sglang.srt.server_args import ServerArgs
 
     server_args = ServerArgs(*args, **kwargs)
-    apply_flags(server_args, {"kv_policy": kv_policy, "sink_tokens": sink_tokens, "sink_window": sink_window})
+    apply_flags(server_args, {"kv_policy": kv_policy, "sink_tokens": sink_tokens, "sink_window": sink_window,
+                              "max_sink_tokens": max_sink_tokens})
     return server_args
 
 
@@ -65,7 +67,9 @@ def apply_flags(server_args, flags: dict) -> None:
     check_model_config(cfg, server_args.model_path)  # hybrids, RoPE (core rules, hf_config.py)
     _streaming_defaults(server_args, list(getattr(cfg, "architectures", None) or ()))
     # SGLang's page size is 1 (set or refused above): the policy's block size.
-    policy = SinkPolicy.resolve(opts["sink_tokens"], opts["sink_window"], 1, rotary_table_len(cfg), "the model")
+    # The window fits every request's positions, S up to --max-sink-tokens (per-request sinks).
+    policy = SinkPolicy.resolve(opts["sink_tokens"], opts["sink_window"], 1, rotary_table_len(cfg), "the model",
+                                max_sink_tokens=opts["max_sink_tokens"])
     # A layer window of its own (Gemma 3, GPT-OSS) must fit --sink-window + 1; the
     # backend checks the built layers again (backend.layer_ropes).
     policy.check_layer_window(layer_window(cfg), "a sliding_attention layer")

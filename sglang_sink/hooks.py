@@ -26,6 +26,10 @@ tests/sglang/test_sglang_hook_targets.py. The touch points (docs/sglang.md has t
    cache, ``--radix-cache-backend streaming-sink``, a ``RadixCache`` subclass.
 9. ``SchedulerMetricsCollector.init_new`` (metrics.py): with ``--enable-metrics``, the
    policy's Prometheus series next to SGLang's scheduler metrics.
+10. ``TokenizerManager._create_tokenized_object`` and
+    ``OpenAIServingChat._convert_to_internal_request`` (frontend.py): per-request sinks,
+    ``custom_params["sink_tokens"]`` checked (400 naming the field), folded into the radix
+    ``extra_key``; with ``--sink-tokens system`` a chat request's system turn as its sinks.
 """
 
 from __future__ import annotations
@@ -63,6 +67,10 @@ TARGETS = {
     _S + "managers.scheduler.Scheduler.init_model_worker": (7, "AFTER", "admission:request_limits"),
     _S + "observability.metrics_collector.SchedulerMetricsCollector.init_new":
         (9, "AFTER", "metrics:on_metrics_collector"),
+    _S + "managers.tokenizer_manager.TokenizerManager._create_tokenized_object":
+        (10, "AROUND", "frontend:tokenized_request"),
+    _S + "entrypoints.openai.serving_chat.OpenAIServingChat._convert_to_internal_request":
+        (10, "AROUND", "frontend:chat_request"),
 }
 FLAG_TARGETS = [t for t, (point, _, _) in TARGETS.items() if point == 1]
 
@@ -188,6 +196,10 @@ def hook_targets() -> list[tuple[str, str, tuple[str, ...] | None]]:
         "managers.scheduler.Scheduler.init_model_worker": (),
         "observability.metrics_collector.SchedulerMetricsCollector.init_new": (
             "server_args", "enable_priority_scheduling", "enable_lora", "enable_hierarchical_cache"),
+        "managers.tokenizer_manager.TokenizerManager._create_tokenized_object": (
+            "obj", "input_text", "input_ids", "input_embeds", "mm_inputs", "token_type_ids"),
+        "entrypoints.openai.serving_chat.OpenAIServingChat._convert_to_internal_request": (
+            "request", "raw_request"),
     }
     assert {s + t for t in hooked} == set(TARGETS), "hook_targets() and TARGETS disagree"
     targets = [("hooked", ":".join(_split_dotted(s + t)), params) for t, params in hooked.items()]
@@ -287,6 +299,23 @@ def hook_targets() -> list[tuple[str, str, tuple[str, ...] | None]]:
           for name in ("collector", "current_scheduler_metrics_enabled")),
         *(("attr", f"{s}observability.metrics_collector:SchedulerMetricsCollector.{name}", None)
           for name in ("labels", "_gauge_cls", "_counter_cls", "_histogram_cls")),
+        # 10: per-request sinks (frontend.py; the scheduler side reads custom_params: state.py,
+        # backend.remap_positions, radix_cache.match_prefix)
+        ("attr", f"{s}sampling.sampling_params:SamplingParams.custom_params", None),
+        *(("attr", f"{s}managers.tokenizer_manager:TokenizerManager.{name}", None)
+          for name in ("server_args", "tokenizer", "model_config")),
+        ("attr", f"{s}configs.model_config:ModelConfig.is_multimodal", None),
+        *(("attr", f"{s}managers.io_struct:GenerateReqInput.{name}", None) for name in ("sampling_params",)),
+        ("attr", f"{s}managers.io_struct:TokenizedGenerateReqInput.extra_key", None),
+        ("attr", f"{s}entrypoints.openai.serving_chat:OpenAIServingChat.tokenizer_manager", None),
+        ("call", f"{s}entrypoints.openai.serving_chat:OpenAIServingChat._process_messages",
+         ("request", "is_multimodal")),
+        ("attr", f"{s}entrypoints.openai.protocol:MessageProcessingResult.prompt_ids", None),
+        *(("attr", f"{s}entrypoints.openai.protocol:ChatCompletionRequest.{name}", None) for name in (
+            "messages", "custom_params", "input_ids", "continue_final_message", "_format_add_generation_prompt")),
+        ("attr", f"{s}entrypoints.openai.protocol:ChatCompletionMessageGenericParam.role", None),
+        ("attr", f"{bpc}:MatchPrefixParams.req", None),
+        ("attr", f"{s}model_executor.forward_batch_info:ForwardBatch.extend_seq_lens", None),
     ]
     return targets
 

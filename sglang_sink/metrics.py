@@ -58,7 +58,8 @@ class SinkMetrics:
     Fed by touch points 4/5 (eviction.py) after they act: each step's requests
     (``observe_step``) and each release of a request's KV (``observe_release``: finish,
     abort, retract). Per request, keyed by its eviction cursor: whether it is past the
-    window, the sink slots it pins, the slots of its own it holds, the most it held."""
+    window, the sink slots it pins, the slots of its own it holds, the most it held; each
+    by the request's own policy (its ``S``: per-request sinks)."""
 
     def __init__(self, policy: SinkPolicy, labels: dict, chunk: int,
                  gauge_cls=None, counter_cls=None, histogram_cls=None) -> None:
@@ -79,6 +80,7 @@ class SinkMetrics:
         for g in (self.requests_past_window, self.sinks_pinned, self.live_tokens):
             g.set(0)
         self.max_live_tokens.set(policy.dense_tokens)  # S + W + 1: sinks + window + the current token
+        # (``policy``: the server's with the largest S a request may carry, --max-sink-tokens)
 
     def observe_step(self, steps, recycled: int) -> None:
         """One step's eviction: ``steps`` = (cursor, slots of its own held before this step's
@@ -86,8 +88,9 @@ class SinkMetrics:
         for cursor, held, live, tokens_in_cache in steps:
             req = self.requests.setdefault(id(cursor), _Request())
             req.peak = max(req.peak, held)  # held since the previous step's allocation
-            past = int(self.policy.is_streaming(tokens_in_cache // self.policy.block_size))
-            pinned = min(tokens_in_cache, self.policy.sink_tokens)
+            policy = cursor.policy  # the request's own (its S)
+            past = int(policy.is_streaming(tokens_in_cache // policy.block_size))
+            pinned = min(tokens_in_cache, policy.sink_tokens)
             self._move(past - req.past, pinned - req.pinned, live - req.live)
             req.past, req.pinned, req.live = past, pinned, live
         if recycled:
@@ -129,6 +132,8 @@ def on_metrics_collector(ctx, cls, *args, server_args=None, **kwargs):
     collector = getattr(ctx, "collector", None)
     if policy is None or collector is None or not ctx.current_scheduler_metrics_enabled:
         return ctx
+    # The bounds (max_live, the histogram's buckets) of the largest S a request may carry.
+    policy = sink_config.largest_policy(server_args)
     state.metrics = SinkMetrics(policy, collector.labels, server_args.chunked_prefill_size or 1,
                                 type(collector)._gauge_cls, type(collector)._counter_cls,
                                 type(collector)._histogram_cls)

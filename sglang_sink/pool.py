@@ -17,20 +17,22 @@ from streaming_sink.policy import SinkPolicy
 
 class EvictionCursor:
     """Per request: row positions ``[start, freed_to)`` are back in the pool, where
-    ``start = max(sink_end, protected)`` (``protected``: the tree-owned prefix)."""
+    ``start = max(sink_end, protected)`` (``protected``: the tree-owned prefix).
+    ``policy``: the request's own (its sink length ``S``, state.SinkState.policy_for)."""
 
-    __slots__ = ("sink_end", "protected", "start", "freed_to")
+    __slots__ = ("policy", "sink_end", "protected", "start", "freed_to")
 
     def __init__(self, policy: SinkPolicy, protected: int = 0) -> None:
+        self.policy = policy
         self.sink_end = policy.sink_blocks * policy.block_size
         self.protected = protected
         self.start = self.freed_to = max(self.sink_end, protected)
 
-    def advance(self, policy: SinkPolicy, tokens_in_cache: int) -> tuple[int, int] | None:
+    def advance(self, tokens_in_cache: int) -> tuple[int, int] | None:
         """The row range that no later query reads once ``tokens_in_cache`` tokens
         are written (None if nothing new); the caller frees it."""
-        blocks = policy.freeable_prefix_blocks(tokens_in_cache)
-        hi = blocks.stop * policy.block_size
+        blocks = self.policy.freeable_prefix_blocks(tokens_in_cache)
+        hi = blocks.stop * self.policy.block_size
         if hi <= self.freed_to:
             return None
         lo, self.freed_to = self.freed_to, hi

@@ -136,7 +136,10 @@ class StreamingRadixCache(RadixCache):
             return super().match_prefix(params)
         values, node = self._match_prefix_helper(self.root_node, key)
         m = sum(len(v) for v in values)
-        h = longest_valid_prefix(torch.cat(values), self.policy) if values else 0
+        # The request's own S (per-request sinks); its key's extra_key carries a non-default S
+        # (radix.sink_extra_key), so every node on this path was written with the same S.
+        policy = self.policy if params.req is None or state.policy is None else state.policy_of(params.req)
+        h = longest_valid_prefix(torch.cat(values), policy) if values else 0
         if h == 0:
             return self._empty_match_result
         if h < m:  # re-walk to h: splits the node there, so the lock ends at h
