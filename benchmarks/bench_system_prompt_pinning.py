@@ -424,24 +424,29 @@ def plot(doc: dict, path: Path) -> None:
         ax.plot(xs, [100 * e[arm]["recall"] for e in table], "s--", ms=3, lw=1, color=colors[arm],
                 label=labels[arm] + ": greedy recall")
     ax.axhline(100 / 8, color="gray", lw=0.8, ls=":")
-    ax.annotate("chance (1 of 8)", (xs[0], 100 / 8), xytext=(2, 3), textcoords="offset points", fontsize=7,
-                color="gray")
-    ax.axvline(st["sink_window"], color="gray", lw=0.8, ls="--")
-    ax.annotate(f"window {st['sink_window']}", (st["sink_window"], 102), fontsize=7, color="gray", ha="center")
+    ax.annotate("chance (1 of 8)", (max(xs) * 1.4, 100 / 8), xytext=(0, 3), textcoords="offset points",
+                fontsize=7, color="gray", ha="right")
+    marks = [(st["sink_window"], f"window {st['sink_window']}", "--")]
     if st.get("context"):
-        for m in (1, 2):
-            ax.axvline(m * st["context"], color="gray", lw=0.8, ls="-.")
-            ax.annotate(f"{m}x context", (m * st["context"], 102), fontsize=7, color="gray", ha="center")
-    ax.set_xscale("symlog", linthresh=200)
-    ax.set_xlabel("prompt tokens before the question (symlog)")
+        marks += [(m * st["context"], f"{m}x context", "-.") for m in (1, 2)]
+    for x, text, ls in marks:
+        ax.axvline(x, color="gray", lw=0.8, ls=ls)
+        ax.annotate(text, (x, 50), xytext=(-3, 0), textcoords="offset points", fontsize=7, color="gray",
+                    rotation=90, ha="right", va="center")
+    for e, x in zip(table, xs):  # how many probes a point stands for, where it is not the most
+        if e["pinned"]["n"] != max(t["pinned"]["n"] for t in table):
+            ax.annotate(f"n={e['pinned']['n']}", (x, 104), fontsize=7, color="gray", ha="center")
+    ax.set_xscale("log")
+    ax.set_xlim(min(xs) / 1.5, max(xs) * 1.5)
+    ax.set_xlabel("prompt tokens before the question (log scale)")
     ax.set_ylabel("% of probes answered correctly")
     ax.set_ylim(-3, 110)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="center left")
-    n = table[0]["pinned"]["n"]
+    ax.legend(fontsize=7, loc="lower left")
+    n = max(e["pinned"]["n"] for e in table)
     ax.set_title(f"Recall of a fact given only in the system prompt, {Path(st['model']).name}, "
-                 f"window {st['sink_window']}\n{n} probes per point ({st['prompts']} system prompts x 4 facts), "
-                 f"temperature 0; bars: 95% Wilson intervals", fontsize=8)
+                 f"window {st['sink_window']}, {st['mode']} mode\n{n} probes per point ({st['prompts']} system "
+                 f"prompts x 4 facts; n= where fewer), temperature 0; bars: 95% Wilson intervals", fontsize=8)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
