@@ -29,3 +29,13 @@ def tiny_qwen3(tmp_path_factory) -> str:
     from tiny_models import build_tiny_qwen3
 
     return build_tiny_qwen3(tmp_path_factory.mktemp("tiny-qwen3"))
+
+
+# Modules whose engines leave the process unable to build another vLLM engine run last:
+# n-gram speculative decoding imports numba, and vLLM 0.32's Triton-override scan of
+# sys.modules (at every engine's worker init) then trips on llvmlite's library proxy.
+RUN_LAST = ("test_vllm_spec_decode.py",)
+
+
+def pytest_collection_modifyitems(session, config, items):
+    items.sort(key=lambda item: item.path.name in RUN_LAST)  # stable: the rest keep their order
