@@ -35,6 +35,11 @@ computing something else silently. The touch points:
    ``ModelConfig.get_diff_sampling_param`` (the default max_tokens: the model's context),
    ``EngineCore._initialize_kv_caches`` + ``_check_enough_kv_cache_memory`` (the policy's
    advice for a KV cache too small for one request).
+9. Per-request sink lengths (request_sinks.py): ``InputProcessor.process_inputs`` (the
+   request field checked, S and its cache salt stamped), ``OpenAIServingChat.render_chat_request``
+   (``--sink-tokens system``), ``KVCacheManager.__init__`` / ``get_computed_blocks`` /
+   ``allocate_slots`` (each request's S for the policy's managers),
+   ``GPUModelRunner._prepare_inputs`` (each row's and token's S on the worker).
 """
 
 from __future__ import annotations
@@ -878,6 +883,7 @@ def _policy_stats(managers, step_tokens: int = 1) -> dict:
         total["recycled_new"] += manager.recycled_blocks - getattr(manager, "_recycled_reported", 0)
         manager._recycled_reported = manager.recycled_blocks
     return total
+
 
 # ---- 9: per-request sink lengths (request_sinks.py) ------------------------
 # Front end: InputProcessor.process_inputs validates extra_args["sink_tokens"] (a 400 naming
