@@ -318,3 +318,24 @@ def test_async_scheduling_as_stock(tiny_llama):
     base = config()
     assert pol.additional_config["streaming_sink"]["kv_policy"] == "streaming-sink"
     assert pol.scheduler_config.async_scheduling == base.scheduler_config.async_scheduling
+
+
+# ---- the table itself ---------------------------------------------------------------
+
+def test_compatibility_table_names_real_tests():
+    """Every test docs/compatibility.md cites (``path::name``, or ``::name`` for the file cited
+    last on that row) is a test function of that file: a renamed test breaks the table here."""
+    root = Path(__file__).resolve().parents[1]
+    rows = [line for line in (root / "docs" / "compatibility.md").read_text().splitlines() if line.startswith("| ")]
+    cited = 0
+    for row in rows:
+        current = None
+        for ref in re.findall(r"`((?:tests/[\w/]+\.py)?(?:::\w+)?)`", row):
+            path, _, name = ref.partition("::")
+            current = path or current
+            assert current, f"{ref} cites no file: {row}"
+            source = (root / current).read_text()
+            if name:
+                assert re.search(rf"^def {name}\(", source, re.M), f"docs/compatibility.md: {current}::{name} is no test"
+            cited += 1
+    assert cited >= 20
