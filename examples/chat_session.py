@@ -71,7 +71,7 @@ DEFAULT_SYSTEM = (
 # --sessions 2 without --system-prompt: two personas, each asked its name at the end.
 PERSONAS = [
     (DEFAULT_SYSTEM + " Your name is Oliver.", "Oliver"),
-    ("You are Clara, a strict literature teacher. The user is reading Jane Austen's novel Emma aloud to "
+    ("You are a strict literature teacher. Your name is Clara. The user is reading Jane Austen's novel Emma aloud to "
      "you, one passage at a time. After each passage, ask the user one short question that checks "
      "whether they understood it, and never give the answer away.", "Clara"),
 ]
@@ -549,8 +549,8 @@ def ask_probe(base: str, model: str, session: dict, args, label: str, expected: 
         body = {"model": model, "messages": messages, "max_tokens": 30, "temperature": 0}
         if xargs:
             body["vllm_xargs"] = xargs
-        term.status(f"session {label or 'A'}: asking {args.probe!r} ({name}; a new sink length re-prefills the "
-                    "whole history)")
+        term.status(f"session {label or 'A'}: asking {args.probe!r} ({name}"
+                    + ("; another sink length: the whole history is prefilled again)" if xargs else ")"))
         r = requests.post(base + "/v1/chat/completions", json=body, timeout=3600)
         term.end_status()
         if r.status_code != 200:
