@@ -62,12 +62,13 @@ def _stream(llm, rid: str, prompt: list[int], n: int, abort_after: int | None = 
     manager = kv_manager(llm).coordinator.single_type_managers[0]
     last, decode_peak, peak = None, 0, 0
     while engine.has_unfinished_requests():
+        decoding = last is not None and bool(last.outputs[0].token_ids)  # this step decodes
         for out in engine.step():
             last = out
         held = max((sum(not b.is_null for b in blocks) for blocks in manager.req_to_blocks.values()),
                    default=0)  # the one request (vLLM adds a suffix to its id)
         peak = max(peak, held)
-        if last is not None and last.outputs[0].token_ids:
+        if decoding:  # (the step giving the first token still holds the last prefill chunk)
             decode_peak = max(decode_peak, held)
         if abort_after is not None and last is not None and len(last.outputs[0].token_ids) >= abort_after:
             engine.abort_request([rid])
