@@ -264,3 +264,6 @@ def test_ray_executor_as_stock(tiny_llama, tmp_path, policy):
     frames = text[:text.index(RAY_REFUSAL)].rsplit("Traceback", 1)[-1]
     assert "initialize_ray_cluster" in frames, frames
     assert "vllm_sink" not in frames and "streaming_sink" not in frames, f"{policy}: refused inside the plugin:\n{frames}"
+    # the policy run got as far as stock with the policy configured (our startup line); stock had no plugin
+    configured = "streaming-sink: 4 sink tokens" in text
+    assert configured == (policy == "policy"), f"{policy}: policy configured = {configured}"
