@@ -41,7 +41,23 @@ class CachedKVOracle(OracleLlama):
         super().__init__(path, **kwargs)
         self.round_kv = round_kv
 
-    def as_cached(self, k, v, t):
+    def as_cached(self, k, v, t, layer):
         p = self.contract.write_position(t)
         k_rot = rope(k, p, self.inv_freq)
         return rope(self.round_kv(k_rot), -p, self.inv_freq), self.round_kv(v)
+
+
+class EngineKVOracle(OracleLlama):
+    """The oracle fed the very K/V an engine's cache held: ``cached[layer][t]`` = (the key
+    as written, rotated at its write position; the value), read back from the cache and
+    dequantized. Everything else (queries, softmax, MLPs) is the oracle's own float64, so
+    the engine must match it at float tolerance on every row; rounding-boundary cases
+    (an fp32 value rounding to another fp8 value than its float64 twin) cannot differ."""
+
+    def __init__(self, path, cached: dict[int, dict[int, tuple]], **kwargs):
+        super().__init__(path, **kwargs)
+        self.cached = cached
+
+    def as_cached(self, k, v, t, layer):
+        k_rot, v_cached = self.cached[layer][t]
+        return rope(k_rot, -self.contract.write_position(t), self.inv_freq), v_cached.to(torch.float64)

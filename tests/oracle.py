@@ -220,9 +220,9 @@ class StepOracle:
         self.k_cache = torch.zeros(shape, dtype=F64)  # PRE-RoPE keys, by absolute position
         self.v_cache = torch.zeros(shape, dtype=F64)
 
-    def as_cached(self, k: torch.Tensor, v: torch.Tensor, t: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Token ``t``'s pre-RoPE K/V [Hkv, D] as the cache keeps them: exactly (a subclass
-        models an engine's quantized cache: tests/test_vllm_fp8.py)."""
+    def as_cached(self, k: torch.Tensor, v: torch.Tensor, t: int, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token ``t``'s pre-RoPE K/V [Hkv, D] in ``layer`` as the cache keeps them: exactly (a
+        subclass feeds an engine's quantized cache: tests/kv_rounding.py)."""
         return k, v
 
     def _ensure(self, n: int) -> None:
@@ -363,7 +363,7 @@ class OracleLlama(StepOracle):
             v = qkv[(hq + hkv) * d:].view(hkv, d)
             if L["qn"] is not None:
                 q, k = self._rms(q, L["qn"]), self._rms(k, L["kn"])
-            self.k_cache[li, t], self.v_cache[li, t] = self.as_cached(k, v, t)  # pre-RoPE
+            self.k_cache[li, t], self.v_cache[li, t] = self.as_cached(k, v, t, li)  # pre-RoPE
             keys = rot(self.k_cache[li, idx], ck, sk)  # [n, Hkv, D], rotated fresh every step
             qr = rot(q, cq, sq)
             attn = _attend_one(qr, keys, self.v_cache[li, idx], self.scale, None)
