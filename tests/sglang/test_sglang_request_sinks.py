@@ -193,8 +193,8 @@ def test_bad_values_refused_in_process(engine):
 # ChatML, rendered by SGLang from the tokenizer's template (the tiny tokenizer has none).
 CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
                  "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-SYSTEM_A = "You are Ada, a careful assistant. Answer in short sentences and never forget your name."
-SYSTEM_B = "Reply like a pirate."
+SYSTEM_A = "You are Ada, a careful assistant. Be brief."  # 58 tokens rendered (the tiny byte-level BPE)
+SYSTEM_B = "Reply like a pirate."  # 39 tokens rendered
 TURNS, REPLY = 10, 48
 
 
