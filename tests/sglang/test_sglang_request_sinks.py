@@ -193,7 +193,7 @@ def test_bad_values_refused_in_process(engine):
 # ChatML, rendered by SGLang from the tokenizer's template (the tiny tokenizer has none).
 CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
                  "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-SYSTEM_A = "You are Ada, a careful assistant. Be brief."  # 58 tokens rendered (the tiny byte-level BPE)
+SYSTEM_A = "You are Ada, a careful assistant. Be brief."  # 57 tokens rendered (the tiny byte-level BPE)
 SYSTEM_B = "Reply like a pirate."  # 39 tokens rendered
 TURNS, REPLY = 10, 48
 
@@ -300,7 +300,7 @@ def test_system_turn_as_the_sinks_in_two_concurrent_chat_sessions(server, chat_m
             want = lp[n - 1:n - 1 + REPLY].gather(1, torch.tensor(out[i]["gen"])[:, None]).squeeze(1)
             worst = max(worst, (out[i]["logprobs"] - want).abs().max().item())
             assert worst < TOL, f"system turn {s} tokens, turn {i}: max |engine - oracle| {worst:.3g}"
-        print(f"session with a {s}-token system turn: {TURNS} turns, {len(ids)} tokens at the end, "
+        print(f"session with a {s}-token system turn: {TURNS} turns, {len(last['prompt']) + REPLY} tokens at the end, "
               f"max |engine - oracle| = {worst:.3g}, cached per turn {[r['cached'] for r in out]}")
         # Every later turn is served from the radix cache, the system turn (its sinks) at least.
         assert out[0]["cached"] == 0  # the other session's S differs: not even "<s><|im_start|>" is shared
