@@ -183,8 +183,8 @@ def _create_streaming_config(args, original_create, opts, *a, **kw):
     from vllm.v1.attention.backends.registry import AttentionBackendEnum
 
     inner = _inner_backend_choice(args.attention_backend, args.attention_config)
-    kv_layouts.check_kv_cache_dtype(args.kv_cache_dtype)  # plain floats and per-tensor fp8
     _check_speculative(args.speculative_config)
+    kv_layouts.check_kv_cache_dtype(args.kv_cache_dtype)  # plain floats and per-tensor fp8
     unsupported = [name for name, on in (
         ("KV transfer / disaggregated prefill (--kv-transfer-config)", args.kv_transfer_config),
         ("decode context parallelism", (args.decode_context_parallel_size or 1) > 1),

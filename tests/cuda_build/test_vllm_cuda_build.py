@@ -105,7 +105,7 @@ def test_backend_kv_spec_and_triton_module_import():
         wrapped[name] = cls
     assert callable(triton_attention.paged_attention) and triton.__version__
     spec = StreamingSinkSpec(block_size=16, num_kv_heads=2, head_size=32, dtype=torch.float16,
-                             sliding_window=128, sink_tokens=4)
+                             sliding_window=128, sink_tokens=4, max_sink_tokens=4)
     assert isinstance(spec, SlidingWindowSpec)
     assert KVCacheSpecRegistry.get_manager_class(spec) is StreamingSinkManager
     assert KVCacheSpecRegistry.get_uniform_type_base_spec(spec) is StreamingSinkSpec
@@ -174,7 +174,7 @@ def test_policy_runs_up_to_vllm_device_check(tiny_llama, no_device):
     # --attention-backend names the inner backend: FLASH_ATTN etc. are honoured, a backend
     # the policy cannot wrap is refused naming the flag
     ({"attention_backend": "FLEX_ATTENTION"}, "--attention-backend FLEX_ATTENTION is not one of them"),
-    ({"kv_cache_dtype": "fp8"}, "does not support a quantized KV cache"),
+    ({"kv_cache_dtype": "int8_per_token_head"}, "does not support --kv-cache-dtype int8_per_token_head"),
     ({"enable_chunked_prefill": False}, "needs chunked prefill"),
 ])
 def test_refused_by_us_before_vllm_device_check(tiny_llama, no_device, kw, message):
