@@ -28,7 +28,7 @@ n-gram decode ran 10-40x slower here, stock and policy alike). Each engine runs 
 process (vLLM 0.32 cannot build a second engine in a process whose n-gram drafter imported
 numba), ``VLLM_CPU_KVCACHE_SPACE=1`` GiB each; prefix caching on (repeats skip the prefill).
 
-    flock /tmp/team/heavy.lock .venv/bin/python benchmarks/bench_spec_decode.py
+    .venv/bin/python benchmarks/bench_spec_decode.py
     .venv/bin/python benchmarks/bench_spec_decode.py --tiny --repeats 1   # CI-sized smoke run
 """
 

@@ -12,7 +12,7 @@ import torch
 
 from oracle import OracleLlama
 from vllm_helpers import BS, S, W, SamplingParams, free_blocks, live_blocks, make_llm, \
-    prompt_logprobs, random_ids
+    assert_dense_equals_stock, prompt_logprobs, random_ids
 from vllm_helpers import llm, stock  # noqa: F401 (the engines of `model`, module-scoped fixtures)
 
 from streaming_sink.policy import PolicyConfigError, SinkPolicy
@@ -70,17 +70,7 @@ def test_batched_greedy_decode_matches_oracle(llm, oracle):
 
 def test_below_the_window_equals_policy_off(llm, stock):
     """Dense rows run vLLM's own CPU attention op: bit-identical to stock (==)."""
-    prompts = [random_ids(n, seed=20 + n) for n in (5, 64, 120)]
-    params = SamplingParams(max_tokens=POLICY.dense_tokens - 121, temperature=0, ignore_eos=True, logprobs=0)
-    ours = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
-    theirs = stock.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
-    for a, b in zip(ours, theirs):
-        assert list(a.outputs[0].token_ids) == list(b.outputs[0].token_ids)
-        la = [d[t].logprob for d, t in zip(a.outputs[0].logprobs, a.outputs[0].token_ids)]
-        lb = [d[t].logprob for d, t in zip(b.outputs[0].logprobs, b.outputs[0].token_ids)]
-        assert la == lb
-    ids = random_ids(POLICY.dense_tokens, seed=7)  # prompt logprobs: prefill in chunks, all dense
-    assert torch.equal(prompt_logprobs(llm, ids), prompt_logprobs(stock, ids))
+    assert_dense_equals_stock(llm, stock, POLICY.dense_tokens)
 
 
 def _run_stepwise(llm, requests: dict[str, tuple[list[int], int]], abort_at: dict[str, int] | None = None):

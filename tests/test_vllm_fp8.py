@@ -16,7 +16,7 @@ import torch
 from kv_rounding import FP8, EngineKVOracle, round_toward_zero
 from oracle import OracleLlama
 from vllm_helpers import BS, S, W, SamplingParams, engine_core, free_blocks, kv_manager, live_blocks, \
-    make_llm, prompt_logprobs, random_ids
+    assert_dense_equals_stock, make_llm, random_ids
 
 from streaming_sink.policy import SinkPolicy
 
@@ -100,17 +100,7 @@ def test_cache_is_the_dtype_asked_for(llm, stock, kv_dtype):
 
 def test_below_the_window_equals_stock_with_the_same_kv_dtype(llm, stock):
     """Dense rows run vLLM's own CPU attention on the same quantized cache: bit-identical."""
-    prompts = [random_ids(n, seed=20 + n) for n in (5, 64, 120)]
-    params = SamplingParams(max_tokens=POLICY.dense_tokens - 121, temperature=0, ignore_eos=True, logprobs=0)
-    ours = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
-    theirs = stock.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
-    for a, b in zip(ours, theirs):
-        assert list(a.outputs[0].token_ids) == list(b.outputs[0].token_ids)
-        la = [d[t].logprob for d, t in zip(a.outputs[0].logprobs, a.outputs[0].token_ids)]
-        lb = [d[t].logprob for d, t in zip(b.outputs[0].logprobs, b.outputs[0].token_ids)]
-        assert la == lb
-    ids = random_ids(POLICY.dense_tokens, seed=7)  # prompt logprobs: prefill in chunks, all dense
-    assert torch.equal(prompt_logprobs(llm, ids), prompt_logprobs(stock, ids))
+    assert_dense_equals_stock(llm, stock, POLICY.dense_tokens)
 
 
 def test_live_blocks_bounded_and_all_returned(llm):

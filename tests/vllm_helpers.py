@@ -132,3 +132,20 @@ def live_blocks(llm: LLM) -> dict[str, int]:
         for req_id, blocks in manager.req_to_blocks.items():
             counts[req_id] = counts.get(req_id, 0) + sum(not b.is_null for b in blocks)
     return counts
+
+
+def assert_dense_equals_stock(llm: LLM, stock: LLM, dense_tokens: int) -> None:
+    """Below the window the policy's engine is stock's (==): greedy tokens and logprobs of
+    three prompts decoded up to the last dense position, and the prompt logprobs of a
+    prompt of ``dense_tokens`` tokens (prefilled in chunks, every row dense)."""
+    prompts = [random_ids(n, seed=20 + n) for n in (5, 64, 120)]
+    params = SamplingParams(max_tokens=dense_tokens - 121, temperature=0, ignore_eos=True, logprobs=0)
+    ours = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    theirs = stock.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    for a, b in zip(ours, theirs):
+        assert list(a.outputs[0].token_ids) == list(b.outputs[0].token_ids)
+        la = [d[t].logprob for d, t in zip(a.outputs[0].logprobs, a.outputs[0].token_ids)]
+        lb = [d[t].logprob for d, t in zip(b.outputs[0].logprobs, b.outputs[0].token_ids)]
+        assert la == lb
+    ids = random_ids(dense_tokens, seed=7)
+    assert torch.equal(prompt_logprobs(llm, ids), prompt_logprobs(stock, ids))
