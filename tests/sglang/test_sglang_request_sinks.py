@@ -218,7 +218,8 @@ def server(chat_model, tmp_path_factory):
            "--kv-policy", "streaming-sink", "--sink-tokens", f"system:{DEFAULT_S}", "--sink-window", str(W),
            "--max-sink-tokens", str(CAP), "--max-total-tokens", "2048", "--chunked-prefill-size", str(CHUNK),
            "--context-length", "16384", "--max-running-requests", "8", "--skip-server-warmup"]
-    with running_server(cmd, port, log, dict(os.environ), timeout=300) as base:
+    # 600 s: a loaded 2-core runner took > 300 s to start this server once
+    with running_server(cmd, port, log, dict(os.environ), timeout=600) as base:
         yield base
 
 
