@@ -112,7 +112,7 @@ def test_blocks_bounded_by_each_requests_own_policy(llm):
         policy = SERVER.with_sinks(own(s))
         assert policy.sink_blocks + policy.window_blocks < peak[rid] <= policy.max_live_blocks(CHUNK), rid
         assert pinned_seen[rid] == {policy.sink_blocks}, (rid, pinned_seen[rid])
-    assert manager._sinks == {}  # nothing left behind for finished requests
+    assert manager._policies == {}  # nothing left behind for finished requests
     assert free_blocks(llm) == start
 
 

@@ -57,7 +57,7 @@ def wrap(inner: type) -> type:
             "__module__": __name__, "inner": inner, "builder_cls": builder, "impl_cls": impl,
             # the cache dtypes the policy serves (kv_layouts.py) that the inner backend has
             "supported_kv_cache_dtypes": [d for d in inner.supported_kv_cache_dtypes
-                                          if d in kv_layouts.PLAIN_KV_DTYPES + kv_layouts.FP8_KV_DTYPES]})
+                                          if d in kv_layouts.SERVED_KV_DTYPES]})
         builder.__module__ = impl.__module__ = __name__
     return _WRAPPED[name]
 
@@ -312,7 +312,7 @@ class SinkImpl:
             ("ALiBi", alibi_slopes is not None),
             ("logits soft-capping", logits_soft_cap not in (None, 0)),
             (f"KV cache dtype {kv_cache_dtype}",
-             kv_cache_dtype not in kv_layouts.PLAIN_KV_DTYPES + kv_layouts.FP8_KV_DTYPES),
+             kv_cache_dtype not in kv_layouts.SERVED_KV_DTYPES),
             ("cross-layer KV sharing", kv_sharing_target_layer_name is not None),
             (f"{attn_type} attention", attn_type != AttentionType.DECODER),
         ) if bad]

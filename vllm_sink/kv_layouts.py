@@ -34,15 +34,16 @@ _READABLE_ISAS = ("vec", "vec16")
 # keeps scales or packing per slot that the core's kernels do not read.
 PLAIN_KV_DTYPES = ("auto", "bfloat16", "float16")
 FP8_KV_DTYPES = ("fp8", "fp8_e4m3", "fp8_e5m2")
+SERVED_KV_DTYPES = PLAIN_KV_DTYPES + FP8_KV_DTYPES
 
 
 def check_kv_cache_dtype(value: str | None) -> None:
     """Startup check of ``--kv-cache-dtype`` with the policy on (one line, naming the flag)."""
-    if value is None or value in PLAIN_KV_DTYPES + FP8_KV_DTYPES:
+    if value is None or value in SERVED_KV_DTYPES:
         return
     raise PolicyConfigError(
         f"--kv-policy streaming-sink does not support --kv-cache-dtype {value}; it serves "
-        f"{', '.join(PLAIN_KV_DTYPES + FP8_KV_DTYPES)}")
+        f"{', '.join(SERVED_KV_DTYPES)}")
 
 
 def fp8_by_name(kv_cache_dtype: str) -> torch.dtype:

@@ -75,7 +75,7 @@ class StreamingSinkManager(SlidingWindowManager):
         self.policy = kv_cache_spec.policy  # the server default's (requests without their own S)
         # Per-request sinks: each running request's S (hooks.py registers it from the
         # request before vLLM looks up its hit or allocates for it; gone when it frees).
-        self._sinks: dict[str, int] = {}
+        self._policies: dict[str, SinkPolicy] = {}  # built once per request, read every step
         self._admission_limits: tuple[int, int] | None = None  # (max_in_flight_tokens, max_model_len)
         # Metrics (vllm_sink/metrics.py): blocks the window left behind and freed,
         # and each request's peak live blocks, reported when it releases them.
@@ -109,20 +109,19 @@ class StreamingSinkManager(SlidingWindowManager):
             while len(self.released_peaks) > 4096:  # nobody drains them with --disable-log-stats
                 self.released_peaks.popitem(last=False)
         popped = super().pop_blocks_for_free(request_id)
-        self._sinks.pop(request_id, None)  # registered again if it comes back (preemption)
+        self._policies.pop(request_id, None)  # registered again if it comes back (preemption)
         return popped
 
     # ---- per-request sinks ------------------------------------------------------
     def set_request_sinks(self, request_id: str, sink_tokens: int) -> None:
         if sink_tokens == self.policy.sink_tokens:
-            self._sinks.pop(request_id, None)
+            self._policies.pop(request_id, None)
         else:
-            self._sinks[request_id] = sink_tokens
+            self._policies[request_id] = self.policy.with_sinks(sink_tokens)
 
     def policy_of(self, request_id: str) -> SinkPolicy:
         """The request's own policy (the default's when it carries no S of its own)."""
-        s = self._sinks.get(request_id)
-        return self.policy if s is None else self.policy.with_sinks(s)
+        return self._policies.get(request_id, self.policy)
 
     def set_admission_limits(self, max_in_flight_tokens: int, max_model_len: int) -> None:
         """What vLLM sized the admission bound with (KVCacheManager's arguments): each
