@@ -53,3 +53,18 @@ def running_server(cmd: list[str], port: int, log: Path, env: dict, timeout: flo
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(10)
+
+
+def vllm_server_env() -> dict:
+    """The environment a ``vllm serve`` subprocess of a test runs in: this session's, with
+    vLLM's multi-process engine path (conftest may turn it off for in-process engines) and
+    no inherited Prometheus multiprocess folder (vLLM makes its own for several API servers)."""
+    env = dict(os.environ)
+    env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
+    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    return env
+
+
+def served_model(base: str) -> str:
+    """The model name an OpenAI-compatible server at ``base`` serves."""
+    return requests.get(base + "/v1/models", timeout=10).json()["data"][0]["id"]

@@ -10,7 +10,6 @@ the metrics; short-lived `vllm serve` runs that must fail at startup for the res
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import time
@@ -19,7 +18,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from server_process import free_port, running_server
+from server_process import free_port, running_server, served_model, vllm_server_env
 
 CONTEXT = 256  # the tiny model's max_position_embeddings
 VLLM = str(Path(sys.executable).with_name("vllm"))
@@ -29,15 +28,8 @@ POLICY = ["--kv-policy", "streaming-sink", "--sink-tokens", "4", "--sink-window"
           "--block-size", "32", "--dtype", "float32", "--max-num-batched-tokens", "256"]
 
 
-def _env() -> dict:
-    env = dict(os.environ)
-    env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
-    env.pop("PROMETHEUS_MULTIPROC_DIR", None)  # vLLM makes its own with several API servers
-    return env
-
-
 def _vllm(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([VLLM, *args], capture_output=True, text=True, env=_env(), timeout=timeout)
+    return subprocess.run([VLLM, *args], capture_output=True, text=True, env=vllm_server_env(), timeout=timeout)
 
 
 # ---- defaults --------------------------------------------------------------------------
@@ -82,17 +74,13 @@ def two_api_servers(tiny_llama, tmp_path_factory):
     cmd = [VLLM, "serve", tiny_llama, "--host", "127.0.0.1", "--port", str(port), *POLICY,
            "--api-server-count", "2", "--max-num-seqs", "8", "--chat-template", CHAT_TEMPLATE,
            "--shutdown-timeout", "10"]
-    with running_server(cmd, port, log, _env(), timeout=600) as base:
+    with running_server(cmd, port, log, vllm_server_env(), timeout=600) as base:
         yield base, log
-
-
-def _model(base: str) -> str:
-    return requests.get(base + "/v1/models", timeout=10).json()["data"][0]["id"]
 
 
 def test_a_request_without_max_tokens_stops_at_the_context(two_api_servers):
     base, log = two_api_servers
-    model = _model(base)
+    model = served_model(base)
     chat = {"model": model, "messages": [{"role": "user", "content": "Tell me a long story."}],
             "temperature": 0, "ignore_eos": True}
     for _ in range(2):  # two API server processes share the port: both have the default
@@ -135,7 +123,7 @@ def test_policy_metrics_with_two_api_servers(two_api_servers):
 
     base, log = two_api_servers
     policy = SinkPolicy(4, 128, 32)
-    model, P = _model(base), 9
+    model, P = served_model(base), 9
     before = _scrape(base)
     assert {k.split("{")[0] for k in before} == exposed_names("vllm"), sorted(before)
     assert before["vllm:streaming_sink_max_live_blocks"] == policy.max_live_blocks() == 6
@@ -200,7 +188,7 @@ def test_policy_refusals_are_one_line(tiny_llama):
                      "--port", port],
     }
     procs = {k: subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                 env=_env()) for k, cmd in runs.items()}
+                                 env=vllm_server_env()) for k, cmd in runs.items()}
     out = {k: p.communicate(timeout=300) for k, p in procs.items()}
     for case, flag in (("window", "--sink-window must be a positive multiple of the KV block size (32)"),
                        ("backend", "--attention-backend")):

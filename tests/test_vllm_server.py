@@ -8,7 +8,6 @@ console script (`vllm serve MODEL ...`; scripts/setup-vllm.sh makes it work on v
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import threading
@@ -18,7 +17,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from server_process import free_port, running_server
+from server_process import free_port, running_server, served_model, vllm_server_env
 
 CONTEXT = 256
 VLLM = str(Path(sys.executable).with_name("vllm"))  # this venv's console script, as users run it
@@ -26,12 +25,6 @@ ROOT = Path(__file__).resolve().parent.parent
 # The tiny tokenizer has no chat template; the chat test gives the server a plain one.
 CHAT_TEMPLATE = ("{% for m in messages %}### {{ m['role'] }}:\n{{ m['content'] }}\n{% endfor %}"
                  "{% if add_generation_prompt %}### assistant:\n{% endif %}")
-
-
-def _env() -> dict:
-    env = dict(os.environ)
-    env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)  # the multi-process path
-    return env
 
 
 @pytest.fixture(scope="module")
@@ -44,17 +37,13 @@ def server(tiny_llama, tmp_path_factory):
            "--max-num-batched-tokens", "256",
            "--enable-prompt-tokens-details", "--chat-template", CHAT_TEMPLATE,  # the chat session test
            "--shutdown-timeout", "10"]  # the engine tears down by itself: no leaked semaphores
-    with running_server(cmd, port, log, _env(), timeout=600) as base:
+    with running_server(cmd, port, log, vllm_server_env(), timeout=600) as base:
         yield base, log
-
-
-def _model(base: str) -> str:
-    return requests.get(base + "/v1/models", timeout=10).json()["data"][0]["id"]
 
 
 def test_streamed_completion_four_times_past_the_context(server):
     base, log = server
-    body = {"model": _model(base), "prompt": "Once upon a time", "max_tokens": 4 * CONTEXT,
+    body = {"model": served_model(base), "prompt": "Once upon a time", "max_tokens": 4 * CONTEXT,
             "temperature": 0, "ignore_eos": True, "stream": True,
             "stream_options": {"include_usage": True}}
     chunks, usage, finish = 0, None, None
@@ -80,7 +69,7 @@ def test_streamed_completion_four_times_past_the_context(server):
 
 def test_concurrent_requests(server):
     base, _ = server
-    model = _model(base)
+    model = served_model(base)
     results: dict[int, dict] = {}
 
     def ask(i: int) -> None:
@@ -112,7 +101,7 @@ def test_chat_session_example_resumes_turns_from_the_prefix_cache(server, tmp_pa
                           "--turns", "8", "--user-tokens", "30", "--reply-tokens", "12", "--ignore-eos",
                           "--text", "random", "--system-prompt", "You are a helpful assistant.",
                           "--out", str(tmp_path), "--json", str(out)],
-                         capture_output=True, text=True, env=_env(), timeout=300)
+                         capture_output=True, text=True, env=vllm_server_env(), timeout=300)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert "turn   8 |" in run.stdout and "served from the prefix cache" in run.stdout
     turns = json.loads(out.read_text())["turns"]
@@ -128,17 +117,17 @@ def test_chat_session_example_resumes_turns_from_the_prefix_cache(server, tmp_pa
 
 
 def test_cli_flags_in_help_and_bad_values_refused(tiny_llama):
-    version = subprocess.run([VLLM, "--version"], capture_output=True, text=True, env=_env(), timeout=120)
+    version = subprocess.run([VLLM, "--version"], capture_output=True, text=True, env=vllm_server_env(), timeout=120)
     assert version.returncode == 0 and version.stdout.strip().startswith("0."), version.stderr[-2000:]
     help_text = subprocess.run([VLLM, "serve", "--help=streaming-sink"], capture_output=True, text=True,
-                               env=_env(), timeout=120).stdout
+                               env=vllm_server_env(), timeout=120).stdout
     for flag in ("--kv-policy", "--sink-tokens", "--sink-window"):
         assert flag in help_text
     flat = " ".join(help_text.split())  # argparse wraps the help text
     assert "None means 4" in flat and "(default 4" not in flat  # one default, stated once
     bad = subprocess.run([VLLM, "serve", tiny_llama, "--kv-policy", "streaming-sink",
                           "--block-size", "32", "--sink-window", "100", "--port", str(free_port())],
-                         capture_output=True, text=True, env=_env(), timeout=180)
+                         capture_output=True, text=True, env=vllm_server_env(), timeout=180)
     assert bad.returncode != 0
     assert "--sink-window must be a positive multiple of the KV block size (32)" in bad.stdout + bad.stderr
 
@@ -173,7 +162,7 @@ def test_policy_metrics_on_the_prometheus_endpoint(server):
 
     base, _ = server
     policy = SinkPolicy(4, 128, 32)  # the server's --sink-tokens / --sink-window / --block-size
-    model, P = _model(base), 9  # a prompt inside one block: the peak is the decode bound
+    model, P = served_model(base), 9  # a prompt inside one block: the peak is the decode bound
     before = _scrape(base)
     assert before["vllm:streaming_sink_max_live_blocks"] == policy.max_live_blocks() == 6
     assert before["vllm:streaming_sink_requests_past_window"] == 0
