@@ -19,8 +19,8 @@ import requests
 import torch
 
 from oracle import OracleLlama
-from server_process import free_port, running_server
-from test_vllm_server import CHAT_TEMPLATE, VLLM, _env, _model, _scrape
+from server_process import free_port, running_server, served_model, vllm_server_env
+from test_vllm_server import CHAT_TEMPLATE, VLLM, _scrape
 from vllm_helpers import check_greedy
 
 CONTEXT, BS, W, CAP, FALLBACK = 256, 32, 64, 128, 4
@@ -39,7 +39,7 @@ def server(tiny_llama, tmp_path_factory):
            "--max-sink-tokens", str(CAP), "--sink-window", str(W), "--block-size", str(BS),
            "--max-model-len", "16384", "--dtype", "float32", "--max-num-batched-tokens", "256",
            "--enable-prompt-tokens-details", "--chat-template", CHAT_TEMPLATE, "--shutdown-timeout", "10"]
-    with running_server(cmd, port, log, _env(), timeout=600) as base:
+    with running_server(cmd, port, log, vllm_server_env(), timeout=600) as base:
         yield base, log
 
 
@@ -95,7 +95,7 @@ def test_system_turn_sessions_equal_the_oracle(server, tiny_llama, tokenizer):
     context: every answer is the oracle's with S = its session's system turn; turns resume
     from the prefix cache; at turn 10 the system turn's blocks are still the pinned sinks."""
     base, log = server
-    model = _model(base)
+    model = served_model(base)
     rng = random.Random(7)
     systems = [f"You are a ship's cook called Ada. Rules: {_words(rng, 14)}.",  # under the cap
                f"You are a gardener. {_words(rng, 4)}."]
@@ -158,7 +158,7 @@ def test_system_turn_sessions_equal_the_oracle(server, tiny_llama, tokenizer):
                                           ("8", "must be an integer"), (2.5, "must be an integer")])
 def test_bad_sink_tokens_get_a_400_naming_the_field(server, value, words):
     base, _ = server
-    model = _model(base)
+    model = served_model(base)
     for path, body in (("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}),
                        ("/v1/completions", {"prompt": "Once upon a time"})):
         r = requests.post(base + path, json={"model": model, "max_tokens": 4, **body,
@@ -173,7 +173,7 @@ def test_bad_sink_tokens_get_a_400_naming_the_field(server, value, words):
 
 def test_system_turn_longer_than_the_cap_is_capped_and_logged(server):
     base, log = server
-    model = _model(base)
+    model = served_model(base)
     long_system = _words(random.Random(3), 120)  # far more than 128 tokens
     r = _chat(base, model, [{"role": "system", "content": long_system}, {"role": "user", "content": "hi"}], 8)
     assert r.status_code == 200, r.text
