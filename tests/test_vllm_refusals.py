@@ -104,6 +104,24 @@ def test_kv_cache_dtypes_the_policy_serves_are_accepted():
     assert wrap(CPUAttentionBackend).supported_kv_cache_dtypes == ["auto", "fp8", "fp8_e4m3", "fp8_e5m2"]
 
 
+def test_plain_cache_dtype_other_than_the_models_refused(tiny_llama):
+    """A bfloat16 cache under a float32 model: stock vLLM's CPU path already mis-serves it (its
+    first greedy token differs from auto's), so the policy refuses the pair naming the flag,
+    once vLLM has resolved the model's dtype; the model's own dtype, auto and fp8 pass."""
+    import torch
+
+    from vllm_sink.kv_layouts import check_kv_cache_dtype
+
+    with pytest.raises(PolicyConfigError, match=r"^--kv-policy streaming-sink does not support "
+                       r"--kv-cache-dtype bfloat16 under a float32 model .*; use auto or fp8$"):
+        make_llm(tiny_llama, kv_cache_dtype="bfloat16")
+    with pytest.raises(PolicyConfigError, match="--kv-cache-dtype float16 under a bfloat16 model"):
+        check_kv_cache_dtype("float16", torch.bfloat16)
+    for ok, model in (("bfloat16", torch.bfloat16), ("float16", torch.float16), ("auto", torch.float32),
+                      ("fp8_e4m3", torch.float32), ("fp8", torch.bfloat16)):
+        check_kv_cache_dtype(ok, model)
+
+
 def test_kv_group_block_size_other_than_the_policys_refused():
     from vllm_sink.backend import check_block_size
 

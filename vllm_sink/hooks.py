@@ -211,6 +211,7 @@ def _create_streaming_config(args, original_create, opts, *a, **kw):
     with _allow_long_max_model_len():
         vllm_config = original_create(args, *a, **kw)
 
+    kv_layouts.check_kv_cache_dtype(vllm_config.cache_config.cache_dtype, vllm_config.model_config.dtype)
     if vllm_config.speculative_config is not None:  # the method vLLM inferred (a draft model's type)
         _check_speculative({"method": vllm_config.speculative_config.method})
     text_config = vllm_config.model_config.hf_text_config

@@ -37,13 +37,20 @@ FP8_KV_DTYPES = ("fp8", "fp8_e4m3", "fp8_e5m2")
 SERVED_KV_DTYPES = PLAIN_KV_DTYPES + FP8_KV_DTYPES
 
 
-def check_kv_cache_dtype(value: str | None) -> None:
-    """Startup check of ``--kv-cache-dtype`` with the policy on (one line, naming the flag)."""
-    if value is None or value in SERVED_KV_DTYPES:
-        return
-    raise PolicyConfigError(
-        f"--kv-policy streaming-sink does not support --kv-cache-dtype {value}; it serves "
-        f"{', '.join(SERVED_KV_DTYPES)}")
+def check_kv_cache_dtype(value: str | None, model_dtype: torch.dtype | None = None) -> None:
+    """Startup check of ``--kv-cache-dtype`` with the policy on (one line, naming the flag).
+    Given the model's dtype (once vLLM resolved it), a plain float cache must be that dtype:
+    stock vLLM's CPU path already mis-serves a bfloat16 cache under a float32 model (its
+    first greedy token differs from ``auto``), and no test checks the pair on a GPU."""
+    if value is not None and value not in SERVED_KV_DTYPES:
+        raise PolicyConfigError(
+            f"--kv-policy streaming-sink does not support --kv-cache-dtype {value}; it serves "
+            f"{', '.join(SERVED_KV_DTYPES)}")
+    if model_dtype is not None and value in PLAIN_KV_DTYPES[1:] and getattr(torch, value) != model_dtype:
+        model = str(model_dtype).removeprefix("torch.")
+        raise PolicyConfigError(
+            f"--kv-policy streaming-sink does not support --kv-cache-dtype {value} under a {model} "
+            f"model (a plain cache in another float type than the model's); use auto or fp8")
 
 
 def fp8_by_name(kv_cache_dtype: str) -> torch.dtype:
