@@ -45,6 +45,8 @@ Design (one kernel, decode and varlen chunked prefill alike):
 * fp8 caches (``float8_e4m3fn`` / ``float8_e5m2`` views of vLLM's uint8 cache): K/V
   tiles are widened to q's dtype after the load; ``k_scale`` goes into the score
   scale and ``v_scale`` into the output (tensors are read in-kernel: no sync).
+  An fp8 query (vLLM quantizes it for inner kernels that take one) is widened
+  exactly to the model's dtype and its ``q_scale`` joins the score scale.
 """
 
 from __future__ import annotations
@@ -168,7 +170,7 @@ if triton is not None:
     def _sink_attn_kernel(
         q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr,
         bt_ptr, qsl_ptr, seq_lens_ptr, inv_freq_ptr, sinks_ptr, mask_ptr, seq_sinks_ptr,
-        k_scale_ptr, v_scale_ptr, v_scale,
+        k_scale_ptr, v_scale_ptr, v_scale, q_scale_ptr,
         num_seqs, num_splits, qk_scale,
         sink_tokens, window_blocks, sliding_window,
         s_qt, s_qh, s_qd,
@@ -184,7 +186,7 @@ if triton is not None:
         RH: tl.constexpr, RH_PAD: tl.constexpr, NEOX: tl.constexpr, DR: tl.constexpr, DR_PAD: tl.constexpr,
         USE_POLICY: tl.constexpr, USE_SINKS: tl.constexpr, USE_SW: tl.constexpr,
         USE_MASK: tl.constexpr, SPLIT: tl.constexpr, IEEE: tl.constexpr, PER_SEQ_S: tl.constexpr,
-        FP8: tl.constexpr, SCALE_PTRS: tl.constexpr,
+        FP8: tl.constexpr, SCALE_PTRS: tl.constexpr, Q_FP8: tl.constexpr, COMPUTE: tl.constexpr,
     ):
         pid = tl.program_id(0)
         kvh = tl.program_id(1)
@@ -237,7 +239,15 @@ if triton is not None:
         d_ok = offs_d < HEAD_D
 
         q_base = q_ptr + q_row[:, None] * s_qt + head[:, None] * s_qh
-        if FP8:  # compute in q's dtype; the fp8 scales (device tensors are read here, no sync)
+        if Q_FP8 > 0:  # an fp8 query (vLLM quantized it for the inner kernel): widened exactly
+            if COMPUTE == 0:  # to the model's dtype, its scale folded into the score scale
+                kv_ty = tl.float16
+            elif COMPUTE == 1:
+                kv_ty = tl.bfloat16
+            else:
+                kv_ty = tl.float32
+            qk_scale = qk_scale * tl.load(q_scale_ptr + kvh * (Q_FP8 - 1)).to(tl.float32)
+        elif FP8:  # compute in q's dtype; the fp8 scales (device tensors are read here, no sync)
             kv_ty = q_ptr.dtype.element_ty
         else:
             kv_ty = k_ptr.dtype.element_ty
@@ -415,8 +425,10 @@ def paged_attention(
     max_sink_tokens: int | None = None,
     k_scale: float | torch.Tensor | None = None,
     v_scale: float | torch.Tensor | None = None,
+    q_scale: float | torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Triton version of :func:`paged_attention_ref` (same arguments, same result).
+    """Triton version of :func:`paged_attention_ref` (same arguments, same result; only
+    this one takes an fp8 ``q``, below).
 
     Keyword-only tuning knobs (never change the result): ``max_query_len``, the
     host-side value engines keep in their metadata, picks the decode tiling
@@ -438,6 +450,10 @@ def paged_attention(
     ``k_scale``/``v_scale`` (fp8 caches): floats, or 1-element fp32 tensors on the
     device (vLLM's ``layer._k_scale``), read in-kernel. A non-fp8 cache is read as
     stored: a float scale other than 1 is refused, a tensor one is not read (no sync).
+    ``q`` may be fp8 too (e4m3: what vLLM's attention layer hands a backend that takes a
+    quantized query, with an fp8 cache): ``q_scale`` is then its scale, a float or a device
+    tensor of 1 (per tensor) or ``num_kv_heads`` elements, and ``out`` (the model's dtype,
+    which the kernel computes in) must be given.
 
     Host work only: no device->host copy, no data-dependent shape, so a call
     with the same shapes can be captured in a CUDA graph and replayed.
@@ -449,7 +465,10 @@ def paged_attention(
     if v_cache.shape != k_cache.shape or kd != head_d or hq % hkv:
         raise ValueError(f"unsupported shapes q {tuple(q.shape)}, k {tuple(k_cache.shape)}, "
                          f"v {tuple(v_cache.shape)}")
+    q_fp8 = q.dtype in FP8_DTYPES
     if out is None:
+        if q_fp8:
+            raise ValueError("an fp8 q needs out (in the model's dtype, which the kernel computes in)")
         out = torch.empty_like(q)
     num_seqs = seq_lens.shape[0]
     if num_tokens == 0 or num_seqs == 0:
@@ -492,9 +511,24 @@ def paged_attention(
     if sinks is not None:
         sinks = sinks.to(device=q.device, dtype=torch.float32).contiguous()
     fp8 = k_cache.dtype in FP8_DTYPES
-    if fp8 and (v_cache.dtype not in FP8_DTYPES or q.dtype in FP8_DTYPES):
-        raise ValueError(f"an fp8 k_cache needs an fp8 v_cache and q in the model dtype, got v {v_cache.dtype}, "
-                         f"q {q.dtype}")
+    if fp8 and v_cache.dtype not in FP8_DTYPES:
+        raise ValueError(f"an fp8 k_cache needs an fp8 v_cache, got v {v_cache.dtype}")
+    q_mode, q_scale_t = 0, q  # the query's scale: none, per tensor (1), per KV head (2)
+    if q_fp8:
+        if not fp8 or out.dtype not in _COMPUTE_CODES:
+            raise ValueError(f"an fp8 q needs an fp8 cache and out in float16/bfloat16/float32, got k "
+                             f"{k_cache.dtype}, out {out.dtype}")
+        if isinstance(q_scale, torch.Tensor) and q_scale.numel() not in (1, hkv):
+            raise ValueError(f"q_scale has {q_scale.numel()} elements: 1 or num_kv_heads ({hkv})")
+        if isinstance(q_scale, torch.Tensor):
+            q_mode = 1 if q_scale.numel() == 1 else 2
+            q_scale_t = q_scale if q_scale.device == q.device and q_scale.dtype == torch.float32 and \
+                q_scale.is_contiguous() else q_scale.to(device=q.device, dtype=torch.float32).contiguous()
+            q_scale_t = q_scale_t.reshape(-1)
+        else:  # a host float (None: 1.0), as a device tensor
+            q_mode, q_scale_t = 1, _scale_tensor(q_scale, q.device)
+    elif q_scale is not None and not isinstance(q_scale, torch.Tensor) and float(q_scale) != 1.0:
+        raise ValueError(f"q_scale {q_scale} given for a {q.dtype} q (only an fp8 q is scaled)")
     scale_ptrs = fp8 and (isinstance(k_scale, torch.Tensor) or isinstance(v_scale, torch.Tensor))
     if scale_ptrs:
         k_scale_t, v_scale_t, v_mul = _scale_tensor(k_scale, q.device), _scale_tensor(v_scale, q.device), 1.0
@@ -526,7 +560,7 @@ def paged_attention(
         q, k_cache, v_cache, dst, lse,
         block_table, query_start_loc, seq_lens, inv_freq, sinks if sinks is not None else q, mask,
         seq_lens if sink_tokens_per_seq is None else sink_tokens_per_seq,
-        k_scale_t, v_scale_t, float(v_mul),
+        k_scale_t, v_scale_t, float(v_mul), q_scale_t,
         num_seqs, num_splits, float(scale) * _LOG2E,
         sink_tokens, window_blocks, sliding_window or 0,
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *s_o, *s_l, *block_table.stride(),
@@ -534,8 +568,10 @@ def paged_attention(
         TILE_N=tile_n, N_SUB=n_sub, HEAD_D=head_d, D_PAD=max(16, _next_pow2(head_d)),
         RH=rh, RH_PAD=max(16, _next_pow2(rh)), NEOX=neox, DR=dr, DR_PAD=max(16, _next_pow2(dr)),
         USE_POLICY=policy is not None, USE_SINKS=sinks is not None, USE_SW=sliding_window is not None,
-        USE_MASK=seq_mask is not None, SPLIT=split, IEEE=q.dtype == torch.float32 or _INTERPRETED,
+        USE_MASK=seq_mask is not None, SPLIT=split,
+        IEEE=(out.dtype if q_fp8 else q.dtype) == torch.float32 or _INTERPRETED,
         PER_SEQ_S=sink_tokens_per_seq is not None, FP8=fp8, SCALE_PTRS=scale_ptrs,
+        Q_FP8=q_mode, COMPUTE=_COMPUTE_CODES.get(out.dtype, 0),
         num_warps=num_warps, num_stages=3 if block_q == 1 else 2,
     )
     if split:
@@ -547,6 +583,10 @@ def paged_attention(
             USE_MASK=seq_mask is not None, num_warps=4,
         )
     return out
+
+
+# The dtype an fp8 query is widened to (the model's: out's), as the kernel's COMPUTE code.
+_COMPUTE_CODES = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}
 
 
 def _host_scale(scale: float | torch.Tensor | None, fp8: bool) -> float:

@@ -476,3 +476,58 @@ def fp8_body(fp8, q_dtype, tensor_scales, decode_capture):
 ])
 def test_fp8_cache_matches_reference(run, fp8, q_dtype, tensor_scales, decode_capture):
     run(fp8_body, fp8, q_dtype, tensor_scales, decode_capture)
+
+
+def fp8_query_body(q_dtype, q_scale_kind, decode_capture):
+    """An fp8 (e4m3) query, as vLLM's attention layer quantizes it for an inner backend that
+    takes one (TRITON_ATTN and FA3 on CUDA, with an fp8 cache), with its scale per tensor (a
+    device tensor or a host float) or per KV head: equal to the same call fed the query
+    dequantized (``q8.float() * q_scale``) in the model's dtype, and to the reference."""
+    fp8, ks, vs = torch.float8_e4m3fn, 0.05, 0.085
+    seqs = per_seq_sinks_seqs()[::2]
+    if decode_capture:
+        seqs = [(L, 1, S) for L, _, S in seqs]
+    case = Case([(L, q) for L, q, _ in seqs], seq_sinks=[S for *_, S in seqs], dtype=q_dtype,
+                learned_sinks=True, seed=101)
+    hkv = case.kv["k"][0].shape[2]
+    per_head = torch.tensor([0.02, 0.03][:hkv], device=DEV)
+    qs = {"tensor": torch.tensor([0.02], device=DEV), "float": 0.02, "per_head": per_head}[q_scale_kind]
+    qs_rows = (per_head.repeat_interleave(case.q.shape[1] // hkv)[None, :, None] if q_scale_kind == "per_head"
+               else torch.tensor(0.02, device=DEV))
+    q8 = (case.q.float() / qs_rows).to(fp8)
+    q_deq = q8.float() * qs_rows
+    stored = {n: [(view.float() / sc).to(fp8) for view in case.kv[n]] for n, sc in (("k", ks), ("v", vs))}
+    scales = dict(k_scale=torch.tensor([ks], device=DEV), v_scale=torch.tensor([vs], device=DEV))
+    kw = dict(num_splits=3, max_query_len=1, workspace=torch.empty(1 << 16, device=DEV),
+              seq_mask=torch.ones(len(seqs), dtype=torch.int32, device=DEV)) if decode_capture else {}
+    args = (stored["k"][1], stored["v"][1], case.block_table, case.query_start_loc, case.seq_lens, case.scale,
+            case.policy, case.rope, case.sinks)
+    per = dict(sink_tokens=case.seq_sinks, max_sink_tokens=case.max_sink_tokens, **scales, **kw)
+    out = torch.full(case.q.shape, math.nan, dtype=q_dtype, device=DEV)
+    ta.paged_attention(q8, *args, out=out, q_scale=qs, **per)
+    want = ta.paged_attention(q_deq.to(q_dtype), *args, **per)
+    ref = paged_attention_ref(q_deq, stored["k"][0].float() * ks, stored["v"][0].float() * vs,
+                              case.block_table, case.query_start_loc, case.seq_lens, case.scale, case.policy,
+                              case.rope, case.sinks, sink_tokens=case.seq_sinks, max_sink_tokens=case.max_sink_tokens)
+    assert torch.isfinite(out).all()
+    # The dequantized query widened to q_dtype: exact for float32; for bf16/fp16 the other call
+    # rounds q * scale to q_dtype first, where this one scales the score in fp32 (<= 2^-8 relative).
+    tol = 1e-5 if q_dtype == torch.float32 else 1e-2
+    for other in (want, ref):
+        err = (out.float() - other.float()).norm(dim=(1, 2)) / other.float().norm(dim=(1, 2))
+        assert (err < tol).all(), err.max().item()
+    # The scale is read: without it (1.0) the scores are 50x too small, far off
+    wrong = torch.empty_like(out)
+    ta.paged_attention(q8, *args, out=wrong, **per)
+    assert ((wrong.float() - ref).norm() / ref.norm()) > 0.1
+    with pytest.raises(ValueError, match="an fp8 q needs out"):
+        ta.paged_attention(q8, *args, q_scale=qs, **per)
+
+
+@pytest.mark.parametrize("q_dtype, q_scale_kind, decode_capture", [
+    (torch.float32, "tensor", False),
+    (torch.bfloat16, "per_head", True),
+    (torch.float16, "float", False),
+])
+def test_fp8_query_matches_the_dequantized_query(run, q_dtype, q_scale_kind, decode_capture):
+    run(fp8_query_body, q_dtype, q_scale_kind, decode_capture)

@@ -17,6 +17,13 @@ block the policy frees to the other sequences, leaving its stale id in the table
 The queries/keys/values of one attention layer are random (pre-RoPE); the truth is
 the float64 token-at-a-time oracle over the same pre-RoPE values (tests/oracle.py).
 Prints one JSON object: per-step errors and which steps were all-dense.
+
+``python triton_path_worker.py fp8_e4m3``: the same with an fp8 KV cache, as on a GPU:
+TRITON_ATTN writes K/V / scale rounded to fp8 with the layer's k/v scales, and the query
+reaches the backend quantized to fp8 with its q scale (vLLM's layer does that for TRITON_ATTN
+on CUDA). The oracle is then fed the values the cache and the query held (read back after
+each write, dequantized, rotated back from the position they were rotated at), so what is
+left is fp32 arithmetic, as for the float32 cache.
 """
 
 from __future__ import annotations
@@ -43,6 +50,9 @@ STREAMS = (8 * CONTEXT, 5 * CONTEXT + 37, 2 * CONTEXT + 5)  # three sequences, d
 CHUNKS = ((64, 40, 1, 1, 17, 96), (1, 23, 1, 50, 7), (33, 1, 1, 64, 2))  # per-sequence chunk cycles
 DECODE_TAIL = 3  # then every stream decodes together, past the window: the CUDA-graph case
 DTYPE = torch.float32
+KV_DTYPE = sys.argv[1] if len(sys.argv) > 1 else "auto"  # "auto" (float32) or "fp8_e4m3"
+FP8 = KV_DTYPE.startswith("fp8")
+Q_SCALE, K_SCALE, V_SCALE = (0.02, 0.05, 0.085) if FP8 else (1.0, 1.0, 1.0)  # randn / scale << 448
 
 
 def main() -> None:
@@ -60,7 +70,7 @@ def main() -> None:
     model = build_tiny_llama(tempfile.mkdtemp(), max_position_embeddings=CONTEXT, num_hidden_layers=1)
     cfg = EngineArgs(model=model, kv_policy="streaming-sink", sink_tokens=S, sink_window=W, block_size=BS,
                      max_model_len=16 * CONTEXT, attention_backend="TRITON_ATTN", enforce_eager=True,
-                     dtype="float32", max_num_seqs=8).create_engine_config()
+                     dtype="float32", max_num_seqs=8, kv_cache_dtype=KV_DTYPE).create_engine_config()
     policy = policy_of(cfg)
     assert policy.dense_tokens == 4 * BS, policy
     text = cfg.model_config.hf_text_config
@@ -70,15 +80,18 @@ def main() -> None:
     inner = AttentionBackendEnum.TRITON_ATTN.get_class()
     wrapped = backend.wrap(inner)
     backend.SinkBackend.policy = policy
-    spec = FullAttentionSpec(block_size=BS, num_kv_heads=hkv, head_size=d, dtype=DTYPE)
+    cache_dtype = torch.uint8 if FP8 else DTYPE  # vLLM's fp8 cache: bytes, viewed as fp8 by the kernels
+    spec = FullAttentionSpec(block_size=BS, num_kv_heads=hkv, head_size=d, dtype=cache_dtype)
     g = torch.Generator().manual_seed(7)
     sinks = torch.randn(hq, generator=g)
-    impl_args = (hq, d, d ** -0.5, hkv, None, None, "auto", None, AttentionType.DECODER, None)
+    impl_args = (hq, d, d ** -0.5, hkv, None, None, KV_DTYPE, None, AttentionType.DECODER, None)
     with set_current_vllm_config(cfg):
         builder = wrapped.get_builder_cls()(spec, ["layers.0"], cfg, torch.device("cpu"))
         impl = wrapped.get_impl_cls()(*impl_args, sinks=sinks)
         stock_builder = inner.get_builder_cls()(spec, ["layers.0"], cfg, torch.device("cpu"))
         stock_impl = inner.get_impl_cls()(*impl_args, sinks=sinks)
+        for im in (impl, stock_impl):  # as on CUDA (the CPU platform says False): vLLM's layer
+            im.supports_quant_query_input = FP8  # quantizes the query for TRITON_ATTN
         rope = get_rope(d, CONTEXT, True, {"rope_type": "default", "rope_theta": theta}, DTYPE)
         impl.rope = rope_remap.rotary_params(rope, policy, "layers.0")
 
@@ -86,9 +99,15 @@ def main() -> None:
     # (triton_reshape_and_cache_flash: torch.cuda.get_device_capability(key.device)),
     # which has no answer without a GPU: answer an H100's, as on the machines it targets.
     torch.cuda.get_device_capability = lambda device=None: (9, 0)
+    # Its fp8 write asks vLLM's platform (the CPU one here) for SM 8.9+ (native fp8e4nv).
+    from vllm.platforms import current_platform
+    from vllm.platforms.interface import DeviceCapability
 
-    class Layer:  # what TRITON_ATTN reads of vLLM's Attention layer: the unit KV scales
-        _q_scale = _k_scale = _v_scale = torch.ones(1)
+    type(current_platform).get_device_capability = classmethod(lambda cls, device_id=0: DeviceCapability(9, 0))
+
+    class Layer:  # what TRITON_ATTN (and the policy's fp8 read) take of vLLM's Attention layer
+        _q_scale, _k_scale, _v_scale = (torch.tensor([x]) for x in (Q_SCALE, K_SCALE, V_SCALE))
+        _q_scale_float, _k_scale_float, _v_scale_float = Q_SCALE, K_SCALE, V_SCALE
 
     # pre-RoPE q/k/v of every token of every stream, and the oracle over them (float64)
     total = [n + DECODE_TAIL for n in STREAMS]
@@ -96,8 +115,6 @@ def main() -> None:
            for n in total]
     contract = oracle.Contract(S, BS, W // BS)
     inv64 = oracle.default_inv_freq(d, base=theta)
-    want = [oracle.oracle_attention(q, k, v, contract=contract, inv_freq=inv64, scale=d ** -0.5, sinks=sinks)
-            for q, k, v in qkv]
 
     # the paged cache (vLLM's logical [blocks, kv_heads, block_size, 2D] view of an NHD store)
     num_blocks = 3 * (policy.dense_blocks + 2) + 4
@@ -105,7 +122,8 @@ def main() -> None:
     # (finite: vLLM's own kernels load whole tiles and zero the weights of unattended keys,
     # and 0 x NaN would be NaN); a read of one with any weight shows in the error.
     def garbage(*shape):
-        return 50 * torch.randn(*shape, generator=g, dtype=DTYPE)
+        x = 50 * torch.randn(*shape, generator=g, dtype=DTYPE)
+        return x.clamp(-400, 400).to(torch.float8_e4m3fn).view(torch.uint8) if FP8 else x
 
     store = garbage(num_blocks, BS, hkv, 2 * d)
     kv_cache = store.permute(0, 2, 1, 3)
@@ -113,7 +131,7 @@ def main() -> None:
     tables = [[] for _ in STREAMS]  # logical block -> physical id (stale ids stay in the gap)
     owned = [set() for _ in STREAMS]  # logical blocks each sequence still holds
     done = [0] * len(STREAMS)
-    steps, step_i = [], 0
+    steps, step_i, got_rows = [], 0, []
     with HostWorkRecorder() as rec:  # the recorder sees what it must refuse
         torch.ones(2).sum().item()
     recorder_sees = {"syncs": rec.syncs, "allocations": rec.allocations}
@@ -136,13 +154,18 @@ def main() -> None:
             q, k, v = (x[t].to(DTYPE) for x in qkv[i])
             # CachePositionRope.forward's remap, into the rotary module's pure-torch path
             q, k = rope.forward_native(policy.cache_position(t), q.reshape(len(t), -1), k.reshape(len(t), -1))
-            q_rows.append(q.view(len(t), hq, d))
+            q = q.view(len(t), hq, d)
+            if FP8:  # vLLM's layer: static per-tensor quantization with the q scale
+                q8 = (q / Q_SCALE).clamp(-448, 448).to(torch.float8_e4m3fn)
+                qkv[i][0][t] = _unrotate(q8.double() * Q_SCALE, policy.cache_position(t), inv64)
+                q = q8
+            q_rows.append(q)
             k_rows.append(k.view(len(t), hkv, d))
             v_rows.append(v)
             slots.append(torch.tensor([tables[i][p // BS] * BS + p % BS for p in t.tolist()]))
             qsl.append(qsl[-1] + chunk[i])
             lens.append(done[i] + chunk[i])
-            want_rows.append(want[i][t])
+            want_rows.append((i, t, done[i] + chunk[i]))
         q, k, v = torch.cat(q_rows), torch.cat(k_rows), torch.cat(v_rows)
         slot_mapping = torch.cat(slots)
         width = max(len(tables[i]) for i in seqs)
@@ -155,8 +178,14 @@ def main() -> None:
             block_table_tensor=table, slot_mapping=slot_mapping, seq_lens_cpu_upper_bound=lens_t.clone())
         with set_current_vllm_config(cfg):
             impl.do_kv_cache_update(Layer, k, v, kv_cache, slot_mapping)  # TRITON_ATTN's own write
+            if FP8:  # the oracle takes what the cache now holds (the rows are read by later queries)
+                for i, t, _ in want_rows:
+                    p = torch.tensor([tables[i][x // BS] * BS + x % BS for x in t.tolist()])
+                    kv8 = store.view(-1, hkv, 2 * d)[p].view(torch.float8_e4m3fn).double()
+                    qkv[i][1][t] = _unrotate(kv8[..., :d] * K_SCALE, policy.cache_position(t), inv64)
+                    qkv[i][2][t] = kv8[..., d:] * V_SCALE
             meta = builder.build(0, m)
-            out = torch.full((len(q), hq, d), math.nan, dtype=DTYPE)  # as vLLM's layer passes it
+            out = torch.full((len(q), hq, d), math.nan, dtype=DTYPE)  # as vLLM's layer passes it (model dtype)
             if decode_phase:  # what a captured CUDA graph would replay: no host sync, no allocation
                 with HostWorkRecorder() as rec:
                     impl.forward(Layer, q, k, v, kv_cache, meta, out)
@@ -175,13 +204,9 @@ def main() -> None:
                 stock_out = torch.full_like(out, math.nan)
                 stock_impl.forward(Layer, q, k, v, kv_cache, stock_builder.build(0, m), stock_out)
                 record["equal_to_stock"] = bool(torch.equal(out, stock_out))
-        got = out.view(len(q), hq, d).double()
-        ref = torch.cat(want_rows)
-        row_err = (got - ref).abs().amax(dim=(1, 2))
-        record["max_row_err"] = float(row_err.max()) if not torch.isnan(row_err).any() else math.inf
+        got_rows.append((out.view(len(q), hq, d).double(), want_rows))
         steps.append(record)
-        print(f"step {step_i}: lens {lens} chunks {[chunk[i] for i in seqs]} max row err "
-              f"{record['max_row_err']:.2e}", file=sys.stderr, flush=True)
+        print(f"step {step_i}: lens {lens} chunks {[chunk[i] for i in seqs]}", file=sys.stderr, flush=True)
         for i in seqs:  # the engine recycles what the policy frees: blocks behind the window
             done[i] += chunk[i]
             finished = done[i] == total[i]
@@ -192,8 +217,23 @@ def main() -> None:
                     store[tables[i][b]] = garbage(BS, hkv, 2 * d)  # a recycled block: someone else's
                     free.append(tables[i][b])
         step_i += 1
-    print(json.dumps({"policy": [S, W, BS], "streams": total, "context": CONTEXT, "steps": steps,
+    # the truth, once every token's (cached) values are known: float64, token at a time
+    want = [oracle.oracle_attention(q, k, v, contract=contract, inv_freq=inv64, scale=d ** -0.5, sinks=sinks)
+            for q, k, v in qkv]
+    for record, (got, rows) in zip(steps, got_rows):
+        ref = torch.cat([want[i][t] for i, t, _ in rows])
+        row_err = (got - ref).abs().amax(dim=(1, 2)).nan_to_num(math.inf)
+        # rows of sequences at or below the switch: TRITON_ATTN's (== stock); the others the core's
+        dense = torch.cat([torch.full((len(t),), n <= policy.dense_tokens) for _, t, n in rows])
+        for key, sel in (("max_row_err", ~dense), ("max_dense_row_err", dense)):
+            record[key] = float(row_err[sel].max()) if sel.any() else None
+    print(json.dumps({"kv_cache_dtype": KV_DTYPE, "policy": [S, W, BS], "streams": total, "context": CONTEXT, "steps": steps,
                       "decode_buffers_reused": len(buffers) == 1, "recorder_sees": recorder_sees}))
+
+
+def _unrotate(x: torch.Tensor, pos: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
+    """Pre-RoPE values of ``x`` [n, H, D] rotated at ``pos`` [n] (float64; neox pairs)."""
+    return oracle.rope(x, -pos.to(torch.float64), inv_freq)
 
 
 class HostWorkRecorder(TorchDispatchMode):

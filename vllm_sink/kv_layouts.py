@@ -22,6 +22,7 @@ import logging
 import torch
 
 from streaming_sink.policy import PolicyConfigError
+from streaming_sink.reference_attention import FP8_DTYPES
 
 logger = logging.getLogger("vllm.streaming_sink")
 
@@ -104,16 +105,16 @@ class PagedLayout:
         if scales:
             dtype = self.fp8_dtype(impl.kv_dtype_name)
             k_cache, v_cache = k_cache.view(dtype), v_cache.view(dtype)
-        if q.dtype in (torch.float8_e4m3fn, torch.float8_e4m3fnuz, torch.float8_e5m2):
-            # vLLM quantized the query for the inner kernel (an fp8 cache on CUDA); the
-            # core's kernel takes it in the model's dtype: the value the inner one uses
-            q = (q.to(torch.float32) * layer._q_scale).to(out.dtype)
+        # vLLM quantizes the query for inner kernels that take one (TRITON_ATTN, FA3 with an
+        # fp8 cache on CUDA): the core's kernel reads it as is, with the layer's q scale
+        # (in-kernel: no allocation or extra launch in a captured step)
+        q_scale = layer._q_scale if q.dtype in FP8_DTYPES else None
         paged_attention(
             q, k_cache, v_cache, rows.block_table, rows.query_start_loc, rows.seq_lens, impl.scale,
             impl.policy, impl.rope, _fp32_sinks(impl, q.device), impl.layer_window, out,
             max_query_len=rows.max_query_len, seq_mask=rows.seq_mask,
             workspace=_workspace(impl, q), sink_tokens=rows.sink_tokens,
-            max_sink_tokens=rows.max_sink_tokens, **scales)
+            max_sink_tokens=rows.max_sink_tokens, q_scale=q_scale, **scales)
 
 
 class CpuAttnLayout:
@@ -160,7 +161,7 @@ class CpuAttnLayout:
             q, k_cache, v_cache, rows.block_table, rows.query_start_loc, rows.seq_lens, impl.scale,
             policy=impl.policy, rope=impl.rope, sinks=impl.sink_logits, sliding_window=impl.layer_window,
             out=out, seq_ids=rows.seq_ids, sink_tokens=rows.sink_tokens,
-            max_sink_tokens=rows.max_sink_tokens, **scales)
+            max_sink_tokens=rows.max_sink_tokens, q_scale=q_scale, **scales)
 
 
 def for_backend(inner: type) -> PagedLayout | CpuAttnLayout:

@@ -24,14 +24,18 @@ import pytest
 WORKER = Path(__file__).resolve().parent.parent / "triton_path_worker.py"
 
 
-@pytest.fixture(scope="module")
-def run():
+@pytest.fixture(scope="module", params=["auto", "fp8_e4m3"])
+def run(request):
+    """One worker run per KV cache dtype: float32 (``auto``), and fp8 as a GPU serves it
+    (TRITON_ATTN's fp8 write with k/v scales, the query quantized by vLLM's layer)."""
     env = {**os.environ, "TRITON_INTERPRET": "1", "VLLM_TARGET_DEVICE": "cpu", "CUDA_VISIBLE_DEVICES": "",
            "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
-    proc = subprocess.run([sys.executable, str(WORKER)], env=env, capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, str(WORKER), request.param], env=env, capture_output=True, text=True,
                           timeout=1500, cwd=WORKER.parent)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])  # vLLM logs to stdout before it
+    result = json.loads(proc.stdout.strip().splitlines()[-1])  # vLLM logs to stdout before it
+    assert result["kv_cache_dtype"] == request.param
+    return result
 
 
 def test_streams_many_times_the_context(run):
@@ -42,9 +46,19 @@ def test_streams_many_times_the_context(run):
 def test_every_row_equals_the_oracle(run):
     """Per row (max over heads and dims) against the float64 oracle. float32 cache, fp32
     accumulation over <= ~110 live keys: rounding stays near 1e-6; 1e-4 is far below what
-    a wrong key, position or stale block gives (>= 1e-1 here: garbage is 50 x randn)."""
-    worst = max(run["steps"], key=lambda s: s["max_row_err"])
+    a wrong key, position or stale block gives (>= 1e-1 here: garbage is 50 x randn).
+    fp8: the oracle is fed what the cache and the query held, so the core's rows (past the
+    switch) meet the same bound; TRITON_ATTN's own rows below it do not (it rounds the
+    softmax weights to fp8 for its P @ V with an fp8 query: measured up to ~0.3 here), and
+    are held to == stock vLLM instead (the next test)."""
+    streaming = [s for s in run["steps"] if s["max_row_err"] is not None]
+    assert len(streaming) >= 30
+    worst = max(streaming, key=lambda s: s["max_row_err"])
     assert worst["max_row_err"] < 1e-4, worst
+    if run["kv_cache_dtype"] == "auto":
+        worst = max((s for s in run["steps"] if s["max_dense_row_err"] is not None),
+                    key=lambda s: s["max_dense_row_err"])
+        assert worst["max_dense_row_err"] < 1e-4, worst
 
 
 def test_below_the_window_is_stock_bit_for_bit(run):
