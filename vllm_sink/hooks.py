@@ -939,6 +939,8 @@ def hook_targets(platform: str = "cuda") -> list[tuple[str, str, tuple[str, ...]
         *(("attr", f"vllm.config:VllmConfig.{name}", None) for name in (
             "additional_config", "model_config", "cache_config")),
         ("attr", "vllm.config:CacheConfig.block_size", None),
+        ("attr", "vllm.config:CacheConfig.cache_dtype", None),  # a plain cache dtype == the model's
+        ("attr", "vllm.config:ModelConfig.dtype", None),
         ("call", "vllm.platforms.interface:Platform.is_cpu", ()),
         # 3: the attention backend (backend.py)
         ("call", f"{reg}:register_backend", ("backend", "class_path")),
