@@ -1,16 +1,21 @@
-"""Touch points 6 and 7 (hooks.py): admission and length limits, with the policy on only.
+"""Touch points 6 and 7 (hooks.py): admission, length limits and the default request length,
+with the policy on only.
 
 SGLang reserves a request's whole length in the KV pool (prompt + every new token) and
 caps a request's length at the pool's size. Under the policy a request never holds more
 than its live bound, ``S + W + 1 + chunk`` slots (its own ``S``: per-request sinks), so
 that is what it claims, and the longest request is ``--context-length``. With ``state.policy`` None every hook passes
-through unchanged. No SGLang import.
+through unchanged. No SGLang import at module level.
 """
 
 from __future__ import annotations
 
+import logging
+
 from . import config as sink_config
 from .state import state
+
+logger = logging.getLogger("sglang.streaming_sink")
 
 
 def _demand_cap(chunk: int | None = None, req=None) -> int:
@@ -77,4 +82,24 @@ def request_limits(result, scheduler, *args, **kwargs):
     if extra > 0:
         scheduler.max_req_len += extra
         scheduler.max_req_input_len += extra
+    logger.info("streaming-sink: a request without max_new_tokens (OpenAI: max_tokens) gets at most %d "
+                "new tokens (the model's context, as without the policy); longer streams: set it per "
+                "request", model_context(scheduler))
     return result
+
+
+def default_max_new_tokens(original, scheduler, req):
+    """AROUND ``Scheduler.init_req_max_new_tokens`` (touch point 7): a request that sets no
+    max_new_tokens (an OpenAI request without max_tokens) gets at most the model's own
+    context, as without the policy; SGLang would give it up to --context-length, which under
+    the policy is a whole stream's (131072 by default). What a request sets is kept."""
+    if req.sampling_params.max_new_tokens is None and sink_config.policy_of(scheduler.server_args) is not None:
+        req.sampling_params.max_new_tokens = model_context(scheduler)
+    return original(scheduler, req)
+
+
+def model_context(scheduler) -> int:
+    """The context SGLang derives from the model's config when --context-length is not given."""
+    from sglang.srt.utils.hf_transformers_utils import get_context_length
+
+    return get_context_length(scheduler.model_config.hf_text_config)

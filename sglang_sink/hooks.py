@@ -21,7 +21,8 @@ tests/sglang/test_sglang_hook_targets.py. The touch points (docs/sglang.md has t
    / ``.reserve``, ``PrefillAdder.add_one_req`` / ``._get_running_request_total_token_offset``
    (admission.py): a request's KV demand is its live bound, not its length.
 7. ``Scheduler.init_model_worker`` (admission.py): the longest request is
-   ``--context-length``, not the KV pool's size.
+   ``--context-length``, not the KV pool's size; ``Scheduler.init_req_max_new_tokens``: a
+   request without max_new_tokens gets at most the model's own context, as without the policy.
 8. ``mem_cache.registry.register_radix_cache_backend`` (public; radix_cache.py): our radix
    cache, ``--radix-cache-backend streaming-sink``, a ``RadixCache`` subclass.
 9. ``SchedulerMetricsCollector.init_new`` (metrics.py): with ``--enable-metrics``, the
@@ -65,6 +66,7 @@ TARGETS = {
     _S + "managers.schedule_policy.PrefillAdder._get_running_request_total_token_offset":
         (6, "AROUND", "admission:running_offset"),
     _S + "managers.scheduler.Scheduler.init_model_worker": (7, "AFTER", "admission:request_limits"),
+    _S + "managers.scheduler.Scheduler.init_req_max_new_tokens": (7, "AROUND", "admission:default_max_new_tokens"),
     _S + "observability.metrics_collector.SchedulerMetricsCollector.init_new":
         (9, "AFTER", "metrics:on_metrics_collector"),
     _S + "managers.tokenizer_manager.TokenizerManager._create_tokenized_object":
@@ -194,6 +196,7 @@ def hook_targets() -> list[tuple[str, str, tuple[str, ...] | None]]:
         "managers.schedule_policy.PrefillAdder.add_one_req": ("req", "has_chunked_req", "truncation_align_size"),
         "managers.schedule_policy.PrefillAdder._get_running_request_total_token_offset": ("req",),
         "managers.scheduler.Scheduler.init_model_worker": (),
+        "managers.scheduler.Scheduler.init_req_max_new_tokens": ("req",),
         "observability.metrics_collector.SchedulerMetricsCollector.init_new": (
             "server_args", "enable_priority_scheduling", "enable_lora", "enable_hierarchical_cache"),
         "managers.tokenizer_manager.TokenizerManager._create_tokenized_object": (
@@ -261,6 +264,9 @@ def hook_targets() -> list[tuple[str, str, tuple[str, ...] | None]]:
         *(("attr", f"{s}managers.scheduler:Scheduler.{name}", None) for name in (
             "server_args", "model_config", "max_req_len", "max_req_input_len")),
         ("attr", f"{s}configs.model_config:ModelConfig.context_len", None),
+        ("attr", f"{s}configs.model_config:ModelConfig.hf_text_config", None),
+        ("call", f"{s}utils.hf_transformers_utils:get_context_length", ("config",)),
+        ("attr", f"{s}sampling.sampling_params:SamplingParams.max_new_tokens", None),
         # 8: the radix cache (radix_cache.py)
         ("call", f"{s}mem_cache.registry:register_radix_cache_backend", ("name", "factory")),
         ("call", f"{s}mem_cache.registry:get_radix_cache_factory", ("name",)),

@@ -209,6 +209,20 @@ def test_radix_cache_turns_match_oracle(family, engine, oracle):
         prompt = prompt + gen + random_ids(30, seed=61 + turn)
 
 
+def test_a_request_without_max_new_tokens_stops_at_the_context(family, engine):
+    """No max_new_tokens (an OpenAI request without max_tokens): at most the model's own
+    context of new tokens, as without the policy, though --context-length (the longest
+    stream) is 16x that here; a request that sets it gets it all (the greedy test: 16x)."""
+    assert engine.server_args.context_length > 8 * CONTEXT  # what SGLang alone would allow
+    prompts = [random_ids(n, seed=5 + n) for n in (10, 300)]  # below and past the context
+    outs = engine.generate(input_ids=prompts, sampling_params={
+        "max_new_tokens": None, "temperature": 0, "ignore_eos": True})
+    for out in outs:
+        meta = out["meta_info"]
+        assert meta["completion_tokens"] == CONTEXT, meta
+        assert meta["finish_reason"]["type"] == "length", meta
+
+
 def test_gemma3_local_window_longer_than_policy_window_refused(tmp_path):
     """A sliding layer needs its whole window inside the policy's: 80 > W + 1 = 65 is
     refused at startup, in the main process, naming the --sink-window that would fit."""
