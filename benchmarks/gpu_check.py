@@ -18,7 +18,8 @@ Sections (docs/gpu.md says how to read them):
    (and fp32) caches, learned sinks, layer windows, stale block ids in the freed gap (ids of
    NaN blocks and of other sequences' blocks), mixed dense/streaming rows in one batch, the
    plain (policy off) path, split KV, the HND cache order and a strided q, fp8 caches (e4m3 / e5m2
-   with k/v scale tensors; the reference reads the same bytes dequantized), per-sequence sink
+   with k/v scale tensors; the reference reads the same bytes dequantized), an e4m3 query with its
+   scale (what vLLM's layer hands TRITON_ATTN / FA3 with an fp8 cache), per-sequence sink
    lengths (S = 0, not a multiple of the block, larger than the window, the default, in one batch). Every query row is checked on its own: its largest
    error against a tolerance built from the cache dtype's rounding (``row_tolerance``).
 2. **decode bandwidth** -- live K/V bytes the kernel must read, per second, as a share of a
@@ -70,10 +71,13 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # Every kind of correctness row the check must contain (tests/test_gpu_check.py asserts it).
 REQUIRED_KINDS = ("decode", "prefill", "bf16", "fp16", "head_dim_64", "head_dim_128", "gqa_8to1",
                   "learned_sinks", "layer_window", "stale_gap", "mixed", "policy_off", "split_kv",
-                  "fp8_e4m3", "fp8_e5m2", "per_seq_sinks")
+                  "fp8_e4m3", "fp8_e5m2", "per_seq_sinks", "fp8_query")
 FP8 = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
 # fp8 rows: x / scale is stored; |x| <= ~5 (normal draws) stays far inside e4m3's 448.
 FP8_SCALES = (0.05, 0.085)
+# fp8-query rows: q / Q_SCALE stored as e4m3 (|q| <= ~5 -> <= 250, inside 448), as vLLM's layer
+# quantizes the query for TRITON_ATTN / FA3 with an e4m3 cache.
+Q_SCALE = 0.02
 
 # The row tolerance (see row_tolerance): err <= ULP * (C_OUT*|o| + C_ABS*(1 + s_rms)*(a + |o|))
 C_OUT, C_ABS = 1.0, 1.0
@@ -107,6 +111,7 @@ class Spec:
     hnd: bool = False  # the cache's physical order [blocks, Hkv, bs, 2D] (FlashInfer's HND) instead of NHD
     q_strided: bool = False  # q a view into a fused [T, Hq + 2 Hkv, D] qkv buffer, as vLLM passes it
     kv_dtype: str | None = None  # "e4m3" / "e5m2": an fp8 cache (q/out stay in `dtype`)
+    q_fp8: bool = False  # q as e4m3 with its scale (Q_SCALE), out in `dtype`; with an e4m3 cache
     seq_sinks: list | None = None  # each sequence's own S (the kernel's sink_tokens); None: sink_tokens
     kinds: list = field(default_factory=list)
     seed: int = 0
@@ -210,6 +215,10 @@ class Built:
         q_heads = s.hq + 2 * s.hkv if s.q_strided else s.hq
         self.q = (torch.randn(self.num_tokens, q_heads, s.d, generator=gd, device=device) * s.q_gain).to(dtype)
         self.q = self.q[:, :s.hq]
+        self.q8 = None
+        if s.q_fp8:  # the kernel gets q8 + its scale; the reference the exact q8 * scale
+            self.q8 = (self.q.float() / Q_SCALE).to(torch.float8_e4m3fn)
+            self.q = (self.q8.float() * Q_SCALE).to(dtype)  # for the tolerance's |q|
         self.sinks = (torch.randn(s.hq, generator=gd, device=device) * 2) if s.learned_sinks else None
         # per KV head: rms of one key element over the attended keys (for the tolerance)
         kf = self.k_cache.float() * (1.0 if self.k_scale is None else FP8_SCALES[0])
@@ -234,7 +243,8 @@ class Built:
             k, v = k.float() * FP8_SCALES[0], v.float() * FP8_SCALES[1]
         v = v.abs() if v_abs else v
         return paged_attention_ref(
-            self.q.float(), k, v, self.block_table, self.query_start_loc, self.seq_lens,
+            self.q.float() if self.q8 is None else self.q8.float() * Q_SCALE, k, v, self.block_table,
+            self.query_start_loc, self.seq_lens,
             self.scale, self.policy, self.rope, self.sinks, self.spec.sliding_window,
             sink_tokens=self.seq_sinks, max_sink_tokens=self.max_sink_tokens).float()
 
@@ -244,7 +254,10 @@ class Built:
         kw = {} if self.spec.num_splits is None else {"num_splits": self.spec.num_splits}
         kw.update(sink_tokens=self.seq_sinks, max_sink_tokens=self.max_sink_tokens, k_scale=self.k_scale,
                   v_scale=self.v_scale)
-        return paged_attention(self.q, self.k_cache, self.v_cache, self.block_table, self.query_start_loc,
+        if self.q8 is not None:
+            kw.update(out=torch.empty_like(self.q), q_scale=torch.tensor([Q_SCALE], device=self.q.device))
+        return paged_attention(self.q if self.q8 is None else self.q8, self.k_cache, self.v_cache,
+                               self.block_table, self.query_start_loc,
                                self.seq_lens, self.scale, self.policy, self.rope, self.sinks,
                                self.spec.sliding_window, **kw)
 
@@ -384,6 +397,8 @@ def gpu_specs() -> list:
              d=128, learned_sinks=True, kinds=["per_seq_sinks", "mixed", "decode", "prefill"], seed=18),
         Spec("per_seq_sinks_d128_e4m3_bf16", **per_seq(dec(40), [4, 0, 20, 2000, 100]), d=128, kv_dtype="e4m3",
              kinds=["per_seq_sinks", "fp8_e4m3", "mixed", "decode"], seed=19),
+        Spec("decode_b64_d128_e4m3_fp8q_bf16", dec(64) + [(20_000, 512)], d=128, kv_dtype="e4m3", q_fp8=True,
+             learned_sinks=True, kinds=["fp8_query", "fp8_e4m3", "decode", "prefill", "mixed"], seed=20),
     ]
     return specs
 
@@ -424,6 +439,8 @@ def interpret_specs() -> list:
              seed=8, **kw),
         Spec("decode_b4_d64_e5m2_fp16_split", dec(4), d=64, dtype="fp16", kv_dtype="e5m2", num_splits=2,
              kinds=["decode", "fp8_e5m2", "split_kv"], seed=9, **kw),
+        Spec("decode_b6_d64_e4m3_fp8q_bf16", dec(6), d=64, kv_dtype="e4m3", q_fp8=True, learned_sinks=True,
+             kinds=["decode", "mixed", "fp8_e4m3", "fp8_query"], seed=10, **kw),
     ]
 
 
@@ -722,7 +739,7 @@ def run_cudagraph(cfg: TCfg) -> dict:
     step's metadata (lengths, mask, queries) changes in place. This is what vLLM's FULL
     cudagraph modes would do with the policy's decode path; the adapter refuses them
     until this passes on a device (docs/gpu.md). Twice: the bf16 cache, and an e4m3 cache
-    (scale tensors, as vLLM's ``layer._k_scale``) with per-sequence S (a device tensor),
+    (scale tensors, as vLLM's ``layer._k_scale``) and an e4m3 query with its ``q_scale``, with per-sequence S (a device tensor),
     both changed in place between replays too."""
     variants = {v: _cudagraph_variant(cfg, v == "e4m3_per_seq_sinks") for v in ("bf16", "e4m3_per_seq_sinks")}
     return dict(name="cudagraph_decode_replay", passed=all(r["passed"] for r in variants.values()), **variants)
@@ -742,6 +759,9 @@ def _cudagraph_variant(cfg: TCfg, fp8_per_seq: bool) -> dict:
         kw["max_sink_tokens"] = cfg.bs
         kw["k_cache"], kw["v_cache"] = (x.to(torch.float8_e4m3fn) for x in (kw["k_cache"], kw["v_cache"]))
         kw["k_scale"], kw["v_scale"] = torch.tensor([0.5], device=dev), torch.tensor([0.25], device=dev)
+        # the query as vLLM's layer hands it to TRITON_ATTN / FA3 with an e4m3 cache
+        kw["q_scale"] = torch.tensor([Q_SCALE], device=dev)
+        kw["q"] = (kw["q"].float() / Q_SCALE).to(torch.float8_e4m3fn)
     kw["out"].fill_(7.0)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
@@ -763,11 +783,12 @@ def _cudagraph_variant(cfg: TCfg, fp8_per_seq: bool) -> dict:
     replays = [kw["out"].clone()]
     kw["seq_lens"].add_(1)  # the next step, in place: what vLLM's persistent buffers do
     kw["seq_mask"].copy_(1 - kw["seq_mask"])
-    kw["q"].copy_(torch.randn_like(kw["q"]))
+    kw["q"].copy_((torch.randn(kw["q"].shape, device=dev) / (Q_SCALE if fp8_per_seq else 1.0)).to(kw["q"].dtype))
     if fp8_per_seq:
         kw["sink_tokens"].copy_(kw["sink_tokens"].roll(1))
         kw["k_scale"].mul_(2.0)
         kw["v_scale"].mul_(0.5)
+        kw["q_scale"].mul_(1.5)
     kw["out"].fill_(7.0)
     graph.replay()
     replays.append(kw["out"].clone())
