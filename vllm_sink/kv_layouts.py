@@ -161,7 +161,7 @@ class CpuAttnLayout:
             q, k_cache, v_cache, rows.block_table, rows.query_start_loc, rows.seq_lens, impl.scale,
             policy=impl.policy, rope=impl.rope, sinks=impl.sink_logits, sliding_window=impl.layer_window,
             out=out, seq_ids=rows.seq_ids, sink_tokens=rows.sink_tokens,
-            max_sink_tokens=rows.max_sink_tokens, q_scale=q_scale, **scales)
+            max_sink_tokens=rows.max_sink_tokens, **scales)
 
 
 def for_backend(inner: type) -> PagedLayout | CpuAttnLayout:
