@@ -8,7 +8,8 @@ No SGLang import here.
 
 from __future__ import annotations
 
-from streaming_sink.flags import DEFAULT_STREAM_LEN, FLAGS, max_sink_tokens, policy_from_settings  # noqa: F401
+from streaming_sink.flags import DEFAULT_STREAM_LEN, FLAGS, largest_policy_from_settings, max_sink_tokens, \
+    policy_from_settings  # noqa: F401
 from streaming_sink.policy import SinkPolicy
 
 ATTR = "streaming_sink"
@@ -37,4 +38,4 @@ def max_sink_tokens_of(server_args) -> int:
 def largest_policy(server_args) -> SinkPolicy:
     """The server's policy with the largest ``S`` a request may carry: its bounds bound
     every request's."""
-    return policy_of(server_args).with_sinks(max_sink_tokens_of(server_args))
+    return largest_policy_from_settings(settings_of(server_args))

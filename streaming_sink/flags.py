@@ -162,3 +162,10 @@ def policy_from_settings(opts: dict | None):
     from .policy import SinkPolicy  # noqa: PLC0415 (policy imports this module back)
 
     return SinkPolicy(opts["sink_tokens"], opts["window_tokens"], opts["block_size"])
+
+
+def largest_policy_from_settings(opts: dict | None):
+    """The policy of the widest request a server admits, ``S`` at ``--max-sink-tokens``
+    (per-request sinks): its bounds (live blocks, admission) bound every request's."""
+    policy = policy_from_settings(opts)
+    return None if policy is None else policy.with_sinks(max(policy.sink_tokens, max_sink_tokens(opts)))

@@ -185,6 +185,10 @@ def test_flags_system_mode_and_cap():
         settled = sink_flags.resolved_settings(opts, SinkPolicy(opts["sink_tokens"], 64, 16))
         assert sink_flags.policy_from_settings(settled).sink_tokens == opts["sink_tokens"]
         assert sink_flags.max_sink_tokens(settled) == opts["max_sink_tokens"]
+        # the bounds both adapters quote are the widest request's: S at the cap
+        largest = sink_flags.largest_policy_from_settings(settled)
+        assert (largest.sink_tokens, largest.window_tokens, largest.block_size) == (opts["max_sink_tokens"], 64, 16)
+    assert sink_flags.largest_policy_from_settings(None) is None
     for args, words in ((("streaming-sink", "sys", None), "--sink-tokens"),
                         (("streaming-sink", "system:-1", None), "--sink-tokens"),
                         (("streaming-sink", 8, None, 4), "--max-sink-tokens 4 is below --sink-tokens 8"),

@@ -23,6 +23,8 @@ from server_process import free_port, running_server, served_model, vllm_server_
 from test_vllm_server import CHAT_TEMPLATE, VLLM, _scrape
 from vllm_helpers import check_greedy
 
+from streaming_sink.policy import SinkPolicy
+
 CONTEXT, BS, W, CAP, FALLBACK = 256, 32, 64, 128, 4
 TOL = 2e-4
 TURNS, USER_WORDS, REPLY = 10, 45, 48
@@ -132,6 +134,12 @@ def test_system_turn_sessions_equal_the_oracle(server, tiny_llama, tokenizer):
         watcher.join()
     assert samples and set(samples) == {-(-s0 // BS)}, (samples, s0)
     assert -(-s0 // BS) > -(-FALLBACK // BS)
+    # The live-block bound the metrics quote is the widest request's (S at the cap), not the
+    # fallback's, which this session's request (Sb = its system turn's) would exceed.
+    bound = _scrape(base)["vllm:streaming_sink_max_live_blocks"]
+    default = SinkPolicy(FALLBACK, W, BS)
+    assert bound == default.with_sinks(CAP).max_live_blocks() >= default.with_sinks(s0).max_live_blocks() \
+        > default.max_live_blocks(), (bound, s0)
 
     for i, (system, turns) in enumerate(zip(systems, results)):
         S = _system_turn(tokenizer, turns[0]["prompt"], system)

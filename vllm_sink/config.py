@@ -10,11 +10,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from streaming_sink.flags import DEFAULT_STREAM_LEN, policy_from_settings, policy_on
+from streaming_sink.flags import DEFAULT_STREAM_LEN, largest_policy_from_settings, policy_from_settings, policy_on
 from streaming_sink.policy import SinkPolicy
 
 KEY = "streaming_sink"
-__all__ = ["DEFAULT_STREAM_LEN", "KEY", "decode_step_tokens", "policy_of", "settings"]  # DEFAULT_STREAM_LEN: vLLM's default max_model_len
+__all__ = ["DEFAULT_STREAM_LEN", "KEY", "decode_step_tokens", "policy_of", "settings", "largest_policy_of"]  # DEFAULT_STREAM_LEN: vLLM's default max_model_len
 
 
 def settings(additional_config: dict | None) -> dict[str, Any] | None:
@@ -26,6 +26,12 @@ def settings(additional_config: dict | None) -> dict[str, Any] | None:
 def policy_of(vllm_config) -> SinkPolicy | None:
     """The resolved policy of an engine config (after startup resolution)."""
     return policy_from_settings(settings(getattr(vllm_config, "additional_config", None)))
+
+
+def largest_policy_of(vllm_config) -> SinkPolicy | None:
+    """The policy with the largest S a request may carry (--max-sink-tokens): the bounds the
+    metrics quote hold for every request."""
+    return largest_policy_from_settings(settings(getattr(vllm_config, "additional_config", None)))
 
 
 def decode_step_tokens(vllm_config) -> int:

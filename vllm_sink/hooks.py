@@ -513,7 +513,8 @@ def _policy_stats(managers, step_tokens: int = 1) -> dict:
             request_id, peak = manager.released_peaks.popitem(last=False)
             peaks[request_id] = peaks.get(request_id, 0) + peak
     total["released_peaks"] = list(peaks.values())
-    total["max_live_blocks"] = sum(m.policy.max_live_blocks(step_tokens) for m in managers)
+    # the bound of the widest request (S at --max-sink-tokens): every request stays within it
+    total["max_live_blocks"] = sum(m.kv_cache_spec.largest_policy.max_live_blocks(step_tokens) for m in managers)
     # Recycled since the last stats: each SchedulerStats reaches one front end only, so
     # with several API servers (metrics.py, multiprocess mode) their sum is the total.
     total["recycled_new"] = 0
@@ -1019,7 +1020,8 @@ def hook_targets(platform: str = "cuda") -> list[tuple[str, str, tuple[str, ...]
         ("call", f"{mgr}._remove_blocks_in_range", ("request_id", "first_block", "last_block")),
         ("call", f"{mgr}._get_num_evictable_blocks", ("blocks",)),
         *(("attr", f"{mgr}.{name}", None) for name in (
-            "block_size", "req_to_blocks", "num_cached_block", "max_admission_blocks_per_request")),
+            "block_size", "req_to_blocks", "num_cached_block", "max_admission_blocks_per_request",
+            "kv_cache_spec")),
         ("call", "vllm.v1.core.kv_cache_utils:resolve_block_hashes",
          ("block_hashes", "hash_block_size", "block_size")),
         ("call", "vllm.v1.core.block_pool:BlockPool.get_cached_block", ("block_hash", "kv_cache_group_ids")),

@@ -50,6 +50,11 @@ class StreamingSinkSpec(SlidingWindowSpec):
         """One request's policy: its own S, the server's window and block size."""
         return self.policy.with_sinks(sink_tokens)
 
+    @property
+    def largest_policy(self) -> SinkPolicy:
+        """The widest request the server admits (S up to the cap): what bounds are quoted for."""
+        return self.request_policy(max(self.sink_tokens, self.max_sink_tokens))
+
     def admission_blocks(self, sink_tokens: int, max_in_flight_tokens: int, max_model_len: int) -> int:
         """A request's admission bound with its own S: Sb + Wb + 1 (+ a chunk's blocks)."""
         return min(self.request_policy(sink_tokens).max_live_blocks(max_in_flight_tokens),
@@ -60,8 +65,7 @@ class StreamingSinkSpec(SlidingWindowSpec):
         # one pass): within one step's budget, so max_in_flight_tokens (a batch per
         # concurrent step) already covers the extra block the drafts may cross into.
         # Startup KV sizing: the widest request the server admits (S up to the cap).
-        return self.admission_blocks(max(self.sink_tokens, self.max_sink_tokens), max_in_flight_tokens,
-                                     max_model_len)
+        return self.admission_blocks(self.largest_policy.sink_tokens, max_in_flight_tokens, max_model_len)
 
     def is_uniform_with_collection(self, kv_cache_specs) -> bool:
         return all(spec == self for spec in kv_cache_specs.values())

@@ -25,7 +25,7 @@ released since then; their sums are the totals.
     vllm:streaming_sink_requests_past_window     gauge    requests whose window has moved past the sinks
     vllm:streaming_sink_sink_blocks_pinned       gauge    KV blocks held as sinks by requests in the engine
     vllm:streaming_sink_live_blocks              gauge    KV blocks held by requests under the policy
-    vllm:streaming_sink_max_live_blocks          gauge    the policy's bound on one decoding request's blocks
+    vllm:streaming_sink_max_live_blocks          gauge    the bound on one decoding request's blocks (S at --max-sink-tokens)
     vllm:streaming_sink_recycled_blocks_total    counter  blocks the window left behind and returned to the pool
     vllm:streaming_sink_request_live_blocks      histogram a request's peak live blocks, when it releases them
                                                           (edges at both bounds: decoding, and mid-prefill)
@@ -181,7 +181,7 @@ class StreamingSinkStatLogger(StatLoggerBase):
 
     def __init__(self, vllm_config, engine_index: int = 0) -> None:
         self.engine = None
-        policy = sink_config.policy_of(vllm_config)
+        policy = sink_config.largest_policy_of(vllm_config)  # bounds hold for every request's S
         if policy is None:
             return
         labels = [str(vllm_config.model_config.served_model_name), str(engine_index)]
