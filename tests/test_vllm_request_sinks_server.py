@@ -95,7 +95,8 @@ def _system_turn(tokenizer, prompt: list[int], system: str) -> int:
 def test_system_turn_sessions_equal_the_oracle(server, tiny_llama, tokenizer):
     """Two sessions at once (other system prompts, other S), ten turns each to >= 8x the
     context: every answer is the oracle's with S = its session's system turn; turns resume
-    from the prefix cache; at turn 10 the system turn's blocks are still the pinned sinks."""
+    from the prefix cache; after turn 10 the system turn's blocks are still the pinned sinks, and the
+    metrics quote the widest request's live-block bound."""
     base, log = server
     model = served_model(base)
     rng = random.Random(7)
@@ -111,35 +112,30 @@ def test_system_turn_sessions_equal_the_oracle(server, tiny_llama, tokenizer):
         t.join()
     assert all(len(r) == TURNS - 1 for r in results), "a session failed (see its assertion above)"
 
-    # Turn 10 of session 0, alone: scraped while it runs, its pinned sink blocks are the
-    # system turn's (Sb of its S, not of the fallback 4).
-    s0 = _system_turn(tokenizer, results[0][0]["prompt"], systems[0])
-    samples, done = [], threading.Event()
-
-    def scrape():
-        while not done.is_set():
-            m = _scrape(base)
-            if m.get("vllm:streaming_sink_requests_past_window") == 1:
-                samples.append(m["vllm:streaming_sink_sink_blocks_pinned"])
-            time.sleep(0.1)
-
-    watcher = threading.Thread(target=scrape)
-    watcher.start()
+    # Turn 10 of session 0, alone (long enough to reach 8x the context).
     rng = random.Random(100 + 2 * TURNS)
     histories[0].append({"role": "user", "content": _words(rng, USER_WORDS)})
-    try:
-        results[0].append(_turn(base, model, histories[0], max_tokens=8 * REPLY))  # long enough to watch
-    finally:
-        done.set()
-        watcher.join()
-    assert samples and set(samples) == {-(-s0 // BS)}, (samples, s0)
+    results[0].append(_turn(base, model, histories[0], max_tokens=8 * REPLY))
+
+    # One more turn of session 0, streamed and read in part, scraped while it surely runs
+    # (it asks for far more tokens than it gets before the scrape), then closed (aborted):
+    # its pinned sink blocks are the system turn's (Sb of its S, not of the fallback 4).
+    s0 = _system_turn(tokenizer, results[0][0]["prompt"], systems[0])
+    probe = histories[0] + [{"role": "user", "content": _words(rng, USER_WORDS)}]
+    with _chat(base, model, probe, max_tokens=8192, stream=True) as r:
+        assert r.status_code == 200, r.text
+        chunks = (line for line in r.iter_lines() if line)
+        for _ in range(16):  # tokens are flowing: the request is past its prefill
+            next(chunks)
+        m = _scrape(base)
+    assert m["vllm:streaming_sink_requests_past_window"] == 1, m
+    assert m["vllm:streaming_sink_sink_blocks_pinned"] == -(-s0 // BS), (m, s0)
     assert -(-s0 // BS) > -(-FALLBACK // BS)
     # The live-block bound the metrics quote is the widest request's (S at the cap), not the
     # fallback's, which this session's request (Sb = its system turn's) would exceed.
-    bound = _scrape(base)["vllm:streaming_sink_max_live_blocks"]
     default = SinkPolicy(FALLBACK, W, BS)
-    assert bound == default.with_sinks(CAP).max_live_blocks() >= default.with_sinks(s0).max_live_blocks() \
-        > default.max_live_blocks(), (bound, s0)
+    assert m["vllm:streaming_sink_max_live_blocks"] == default.with_sinks(CAP).max_live_blocks() \
+        >= default.with_sinks(s0).max_live_blocks() > default.max_live_blocks(), (m, s0)
 
     for i, (system, turns) in enumerate(zip(systems, results)):
         S = _system_turn(tokenizer, turns[0]["prompt"], system)
