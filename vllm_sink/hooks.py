@@ -514,7 +514,7 @@ def _policy_stats(managers, step_tokens: int = 1) -> dict:
             peaks[request_id] = peaks.get(request_id, 0) + peak
     total["released_peaks"] = list(peaks.values())
     # the bound of the widest request (S at --max-sink-tokens): every request stays within it
-    total["max_live_blocks"] = sum(m.kv_cache_spec.largest_policy.max_live_blocks(step_tokens) for m in managers)
+    total["max_live_blocks"] = sum(m.largest_policy.max_live_blocks(step_tokens) for m in managers)
     # Recycled since the last stats: each SchedulerStats reaches one front end only, so
     # with several API servers (metrics.py, multiprocess mode) their sum is the total.
     total["recycled_new"] = 0
@@ -1020,8 +1020,7 @@ def hook_targets(platform: str = "cuda") -> list[tuple[str, str, tuple[str, ...]
         ("call", f"{mgr}._remove_blocks_in_range", ("request_id", "first_block", "last_block")),
         ("call", f"{mgr}._get_num_evictable_blocks", ("blocks",)),
         *(("attr", f"{mgr}.{name}", None) for name in (
-            "block_size", "req_to_blocks", "num_cached_block", "max_admission_blocks_per_request",
-            "kv_cache_spec")),
+            "block_size", "req_to_blocks", "num_cached_block", "max_admission_blocks_per_request")),
         ("call", "vllm.v1.core.kv_cache_utils:resolve_block_hashes",
          ("block_hashes", "hash_block_size", "block_size")),
         ("call", "vllm.v1.core.block_pool:BlockPool.get_cached_block", ("block_hash", "kv_cache_group_ids")),

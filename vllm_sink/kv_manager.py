@@ -77,6 +77,7 @@ class StreamingSinkManager(SlidingWindowManager):
     def __init__(self, kv_cache_spec: StreamingSinkSpec, **kwargs) -> None:
         super().__init__(kv_cache_spec, **kwargs)
         self.policy = kv_cache_spec.policy  # the server default's (requests without their own S)
+        self.largest_policy = kv_cache_spec.largest_policy  # S at the cap: the bounds metrics quote
         # Per-request sinks: each running request's S (hooks.py registers it from the
         # request before vLLM looks up its hit or allocates for it; gone when it frees).
         self._policies: dict[str, SinkPolicy] = {}  # built once per request, read every step
