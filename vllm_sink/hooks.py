@@ -920,6 +920,14 @@ def hook_targets(platform: str = "cuda") -> list[tuple[str, str, tuple[str, ...]
     ea, sw, mgr = ("vllm.engine.arg_utils:EngineArgs", "vllm.v1.kv_cache_interface:SlidingWindowSpec",
                    "vllm.v1.core.single_type_kv_cache_manager:SlidingWindowManager")
     be, reg = "vllm.v1.attention.backend", "vllm.v1.attention.backends.registry"
+    # backend.py's builder and impl override these with one signature each, whatever the
+    # inner backend: the base classes and every inner class checked are held to it
+    builder_init = ("kv_cache_spec", "layer_names", "vllm_config", "device")
+    builder_build = ("common_prefix_len", "common_attn_metadata", "fast_build")
+    impl_init = ("num_heads", "head_size", "scale", "num_kv_heads", "alibi_slopes", "sliding_window",
+                 "kv_cache_dtype", "logits_soft_cap", "attn_type", "kv_sharing_target_layer_name")
+    impl_forward = ("layer", "query", "key", "value", "kv_cache", "attn_metadata", "output", "output_scale",
+                    "output_block_scale")
     targets = [
         # 1 + 2: flags and engine config
         ("call", f"{ea}.add_cli_args", ("parser",)),
@@ -955,16 +963,10 @@ def hook_targets(platform: str = "cuda") -> list[tuple[str, str, tuple[str, ...]
             ("supports_attn_type", ("attn_type",)), ("customize_spec", ("spec",)),
             ("get_supported_kernel_block_sizes", ("kv_cache_spec",)),
             ("get_impl_cls", ()), ("get_builder_cls", ()))),
-        ("override", f"{be}:AttentionMetadataBuilder.__init__",
-         ("kv_cache_spec", "layer_names", "vllm_config", "device")),
-        ("override", f"{be}:AttentionMetadataBuilder.build",
-         ("common_prefix_len", "common_attn_metadata", "fast_build")),
-        ("override", f"{be}:AttentionImpl.__init__", (
-            "num_heads", "head_size", "scale", "num_kv_heads", "alibi_slopes", "sliding_window",
-            "kv_cache_dtype", "logits_soft_cap", "attn_type", "kv_sharing_target_layer_name")),
-        ("override", f"{be}:AttentionImpl.forward", (
-            "layer", "query", "key", "value", "kv_cache", "attn_metadata", "output", "output_scale",
-            "output_block_scale")),
+        ("override", f"{be}:AttentionMetadataBuilder.__init__", builder_init),
+        ("override", f"{be}:AttentionMetadataBuilder.build", builder_build),
+        ("override", f"{be}:AttentionImpl.__init__", impl_init),
+        ("override", f"{be}:AttentionImpl.forward", impl_forward),
         ("uses", "vllm.model_executor.layers.attention.attention:unified_kv_cache_update",
          ("do_kv_cache_update",)),
         # an fp8 --kv-cache-dtype (kv_layouts.py): the layer's per-tensor scales, the
@@ -1087,18 +1089,12 @@ def hook_targets(platform: str = "cuda") -> list[tuple[str, str, tuple[str, ...]
             ("override", f"{cpu}:CPUAttentionBackend.get_impl_cls", ()),
             ("override", f"{cpu}:CPUAttentionBackend.get_builder_cls", ()),
             ("attr", f"{cpu}:CPUAttentionBackend.supported_kv_cache_dtypes", None),
-            ("override", f"{cpu}:CPUAttentionMetadataBuilder.__init__",
-             ("kv_cache_spec", "layer_names", "vllm_config", "device")),
-            ("override", f"{cpu}:CPUAttentionMetadataBuilder.build",
-             ("common_prefix_len", "common_attn_metadata", "fast_build")),
+            ("override", f"{cpu}:CPUAttentionMetadataBuilder.__init__", builder_init),
+            ("override", f"{cpu}:CPUAttentionMetadataBuilder.build", builder_build),
             ("attr", f"{cpu}:CPUAttentionMetadataBuilder.isa", None),
             ("call", f"{cpu}:CPUAttentionMetadataBuilder._set_isa_to_layers", ("layer_names",)),
-            ("override", f"{cpu}:CPUAttentionBackendImpl.__init__", (
-                "num_heads", "head_size", "scale", "num_kv_heads", "alibi_slopes", "sliding_window",
-                "kv_cache_dtype", "logits_soft_cap", "attn_type", "kv_sharing_target_layer_name", "sinks")),
-            ("override", f"{cpu}:CPUAttentionBackendImpl.forward", (
-                "layer", "query", "key", "value", "kv_cache", "attn_metadata", "output", "output_scale",
-                "output_block_scale")),
+            ("override", f"{cpu}:CPUAttentionBackendImpl.__init__", (*impl_init, "sinks")),
+            ("override", f"{cpu}:CPUAttentionBackendImpl.forward", impl_forward),
             ("attr", f"{cpu}:CPUAttentionMetadata", None),
             ("attr", "vllm.platforms:CpuArchEnum.X86", None),
             ("call", "vllm.platforms.interface:Platform.get_cpu_architecture", ()),
