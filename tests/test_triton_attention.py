@@ -433,22 +433,34 @@ def test_gpu_prefill(d):
 # ----------------------------------------------------------------------------
 # fp8 caches (issue 22)
 # ----------------------------------------------------------------------------
+FP8_KV_SCALES = (0.05, 0.085)  # |x| / scale stays far inside e4m3's 448
+
+
+def fp8_case(fp8, q_dtype, decode_capture, seed):
+    """A per-sequence-S case whose K/V are stored as an engine stores an fp8 cache
+    (``x / scale`` rounded to ``fp8``: ``stored["k"|"v"]`` = (reference view, kernel view)),
+    and with ``decode_capture`` the capture-safe decode call's keywords (KV splits, mask,
+    caller's workspace)."""
+    seqs = per_seq_sinks_seqs()[::2]
+    if decode_capture:
+        seqs = [(L, 1, S) for L, _, S in seqs]
+    case = Case([(L, q) for L, q, _ in seqs], seq_sinks=[S for *_, S in seqs], dtype=q_dtype,
+                learned_sinks=True, seed=seed)
+    stored = {n: [(view.float() / sc).to(fp8) for view in case.kv[n]] for n, sc in zip("kv", FP8_KV_SCALES)}
+    kw = dict(num_splits=3, max_query_len=1, workspace=torch.empty(1 << 16, device=DEV),
+              seq_mask=torch.ones(len(seqs), dtype=torch.int32, device=DEV)) if decode_capture else {}
+    return case, stored, kw
+
+
 def fp8_body(fp8, q_dtype, tensor_scales, decode_capture):
     """An fp8 cache (x / scale rounded to fp8, as an engine stores it) against the
     reference fed the same stored values dequantized (``x8.float() * scale``), with
     per-sequence S. ``decode_capture``: the capture-safe decode call (KV splits, mask,
     caller's workspace, device-tensor scales)."""
-    seqs = per_seq_sinks_seqs()[::2]
-    if decode_capture:
-        seqs = [(L, 1, S) for L, _, S in seqs]
-    case = Case([(L, q) for L, q, _ in seqs], seq_sinks=[S for *_, S in seqs], dtype=q_dtype,
-                learned_sinks=True, seed=100)
-    ks, vs = 0.05, 0.085  # |x| / scale stays far inside e4m3's 448
-    stored = {n: [(view.float() / sc).to(fp8) for view in case.kv[n]] for n, sc in (("k", ks), ("v", vs))}
+    case, stored, kw = fp8_case(fp8, q_dtype, decode_capture, seed=100)
+    ks, vs = FP8_KV_SCALES
     scales = (dict(k_scale=torch.tensor([ks], device=DEV), v_scale=torch.tensor(vs, device=DEV)) if tensor_scales
               else dict(k_scale=ks, v_scale=vs))
-    kw = dict(num_splits=3, max_query_len=1, workspace=torch.empty(1 << 16, device=DEV),
-              seq_mask=torch.ones(len(seqs), dtype=torch.int32, device=DEV)) if decode_capture else {}
     out = ta.paged_attention(case.q, stored["k"][1], stored["v"][1], case.block_table, case.query_start_loc,
                              case.seq_lens, case.scale, case.policy, case.rope, case.sinks,
                              sink_tokens=case.seq_sinks, max_sink_tokens=case.max_sink_tokens, **scales, **kw)
@@ -483,12 +495,8 @@ def fp8_query_body(q_dtype, q_scale_kind, decode_capture):
     takes one (TRITON_ATTN and FA3 on CUDA, with an fp8 cache), with its scale per tensor (a
     device tensor or a host float) or per KV head: equal to the same call fed the query
     dequantized (``q8.float() * q_scale``) in the model's dtype, and to the reference."""
-    fp8, ks, vs = torch.float8_e4m3fn, 0.05, 0.085
-    seqs = per_seq_sinks_seqs()[::2]
-    if decode_capture:
-        seqs = [(L, 1, S) for L, _, S in seqs]
-    case = Case([(L, q) for L, q, _ in seqs], seq_sinks=[S for *_, S in seqs], dtype=q_dtype,
-                learned_sinks=True, seed=101)
+    fp8, (ks, vs) = torch.float8_e4m3fn, FP8_KV_SCALES
+    case, stored, kw = fp8_case(fp8, q_dtype, decode_capture, seed=101)
     hkv = case.kv["k"][0].shape[2]
     per_head = torch.tensor([0.02, 0.03][:hkv], device=DEV)
     qs = {"tensor": torch.tensor([0.02], device=DEV), "float": 0.02, "per_head": per_head}[q_scale_kind]
@@ -496,10 +504,7 @@ def fp8_query_body(q_dtype, q_scale_kind, decode_capture):
                else torch.tensor(0.02, device=DEV))
     q8 = (case.q.float() / qs_rows).to(fp8)
     q_deq = q8.float() * qs_rows
-    stored = {n: [(view.float() / sc).to(fp8) for view in case.kv[n]] for n, sc in (("k", ks), ("v", vs))}
     scales = dict(k_scale=torch.tensor([ks], device=DEV), v_scale=torch.tensor([vs], device=DEV))
-    kw = dict(num_splits=3, max_query_len=1, workspace=torch.empty(1 << 16, device=DEV),
-              seq_mask=torch.ones(len(seqs), dtype=torch.int32, device=DEV)) if decode_capture else {}
     args = (stored["k"][1], stored["v"][1], case.block_table, case.query_start_loc, case.seq_lens, case.scale,
             case.policy, case.rope, case.sinks)
     per = dict(sink_tokens=case.seq_sinks, max_sink_tokens=case.max_sink_tokens, **scales, **kw)
