@@ -196,6 +196,21 @@ def oracle_attention(q, k, v, *, contract: Contract, inv_freq: torch.Tensor, rot
 # --------------------------------------------------------------------------
 # A Llama, token by token
 # --------------------------------------------------------------------------
+def check_greedy(oracle_lp: torch.Tensor, start: int, gen: list[int], lps: torch.Tensor, tol: float,
+                 what: str) -> float:
+    """``oracle_lp``: the oracle's next-token log-probs over a sequence holding ``gen`` at
+    ``start``. The engine's logprobs are the oracle's, its tokens the oracle's argmax
+    (up to float near-ties). Returns the largest logprob difference."""
+    lp = oracle_lp[start - 1:start - 1 + len(gen)]
+    want = lp.gather(1, torch.tensor(gen)[:, None]).squeeze(1)
+    diff = (lps - want).abs()
+    assert diff.max().item() < tol, f"{what}: max |engine - oracle| {diff.max():.3g} at token {diff.argmax()}"
+    top2 = lp.topk(2, dim=1).values
+    clear = (top2[:, 0] - top2[:, 1]) > 1e-3
+    assert torch.equal(lp.argmax(1)[clear], torch.tensor(gen)[clear]), what
+    return diff.max().item()
+
+
 def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 

@@ -25,7 +25,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from vllm_helpers import check_greedy, make_llm, output_logprobs, random_ids
+from oracle import check_greedy
+from vllm_helpers import make_llm, output_logprobs, random_ids
 
 from vllm import SamplingParams  # noqa: E402  (vllm_helpers sets the in-process env first)
 from vllm.lora.request import LoRARequest  # noqa: E402

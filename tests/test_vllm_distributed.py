@@ -220,7 +220,7 @@ def test_distributed_equals_tp1(runs, engine):
 
 @pytest.mark.parametrize("engine", list(ENGINES))
 def test_matches_oracle(runs, oracle, engine):
-    from vllm_helpers import check_greedy
+    from oracle import check_greedy
 
     run = runs[engine]
     long_ids = _ids(LONG, seed=1)

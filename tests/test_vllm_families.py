@@ -33,9 +33,10 @@ import pytest
 import torch
 
 import tiny_models
+from oracle import check_greedy
 from oracle_gemma3 import OracleGemma3
 from oracle_gptoss import OracleGptOss
-from vllm_helpers import BS, S, W, SamplingParams, check_greedy, free_blocks, greedy, kv_manager, make_llm, \
+from vllm_helpers import BS, S, W, SamplingParams, free_blocks, greedy, kv_manager, make_llm, \
     output_logprobs, prompt_logprobs, random_ids, run_stepwise_by_group
 from vllm_helpers import llm, stock  # noqa: F401 (the engines of `model`, module-scoped fixtures)
 

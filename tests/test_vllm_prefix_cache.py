@@ -14,8 +14,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from oracle import OracleLlama
-from vllm_helpers import BS, W, SamplingParams, check_greedy, free_blocks, greedy, kv_manager, live_blocks, \
+from oracle import OracleLlama, check_greedy
+from vllm_helpers import BS, W, SamplingParams, free_blocks, greedy, kv_manager, live_blocks, \
     make_llm, output_logprobs, random_ids
 
 from streaming_sink.policy import SinkPolicy

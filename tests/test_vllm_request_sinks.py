@@ -14,8 +14,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from oracle import OracleLlama
-from vllm_helpers import SamplingParams, check_greedy, free_blocks, kv_manager, make_llm, random_ids, \
+from oracle import OracleLlama, check_greedy
+from vllm_helpers import SamplingParams, free_blocks, kv_manager, make_llm, random_ids, \
     output_logprobs
 
 from streaming_sink.policy import SinkPolicy

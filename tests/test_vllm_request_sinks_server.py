@@ -18,10 +18,9 @@ import pytest
 import requests
 import torch
 
-from oracle import OracleLlama
+from oracle import OracleLlama, check_greedy
 from server_process import free_port, running_server, served_model, vllm_server_env
 from test_vllm_server import CHAT_TEMPLATE, VLLM, _scrape
-from vllm_helpers import check_greedy
 
 from streaming_sink.policy import SinkPolicy
 

@@ -19,8 +19,8 @@ os.environ.setdefault("NUMBA_NUM_THREADS", "1")
 
 import pytest  # noqa: E402
 
-from oracle import OracleLlama  # noqa: E402
-from vllm_helpers import BS, S, W, SamplingParams, check_greedy, engine_core, free_blocks, greedy, \
+from oracle import OracleLlama, check_greedy  # noqa: E402
+from vllm_helpers import BS, S, W, SamplingParams, engine_core, free_blocks, greedy, \
     kv_manager, make_llm, output_logprobs, random_ids  # noqa: E402
 
 from streaming_sink.policy import SinkPolicy  # noqa: E402

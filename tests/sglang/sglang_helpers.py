@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
 import torch
+
+from oracle import check_greedy
 
 S, W, CHUNK = 4, 64, 100  # dense regime: tokens [0, 69); chunks of 100 cross the switch
 TOL = 2e-4  # float32 engine vs float64 oracle, logprobs (as for vLLM)
@@ -24,6 +27,17 @@ def engine_args(model: str, policy: bool = True, **kwargs) -> dict:
         args.update(kv_policy="streaming-sink", sink_tokens=S, sink_window=W, context_length=16384)
     args.update(kwargs)
     return args
+
+
+def launch_server_cmd(model: str, port: int, *extra: str, sink_tokens: int | str = S, sink_window: int = W) -> list[str]:
+    """``python -m sglang.launch_server`` on 127.0.0.1 with engine_args' settings (CPU, fp32,
+    the policy, 2048 slots, CHUNK-token prefill chunks, a 16384-token context, 8 requests),
+    then ``extra`` flags."""
+    return [sys.executable, "-m", "sglang.launch_server", "--model-path", model,
+            "--host", "127.0.0.1", "--port", str(port), "--device", "cpu", "--dtype", "float32",
+            "--kv-policy", "streaming-sink", "--sink-tokens", str(sink_tokens), "--sink-window", str(sink_window),
+            "--max-total-tokens", "2048", "--chunked-prefill-size", str(CHUNK), "--context-length", "16384",
+            "--max-running-requests", "8", "--skip-server-warmup", *extra]
 
 
 def random_ids(n: int, seed: int, vocab: int = 383) -> list[int]:
@@ -43,15 +57,28 @@ def prompt_logprobs(engine, ids: list[int]) -> torch.Tensor:
     return torch.tensor([x for x, _, _ in lp[1:]], dtype=torch.float64)
 
 
+def decoded(outs: list[dict]) -> list[tuple[list[int], torch.Tensor, int]]:
+    """``engine.generate(..., return_logprob=True)`` outputs as (tokens, their logprobs,
+    cached prompt tokens) per request."""
+    res = []
+    for out in outs:
+        lp = out["meta_info"]["output_token_logprobs"]
+        res.append(([t for _, t, _ in lp], torch.tensor([x for x, _, _ in lp], dtype=torch.float64),
+                    out["meta_info"]["cached_tokens"]))
+    return res
+
+
 def greedy(engine, prompts: list[list[int]], n: int) -> list[tuple[list[int], torch.Tensor]]:
     """Concurrent greedy decodes: (tokens, their logprobs) per prompt."""
     outs = engine.generate(input_ids=prompts, sampling_params={
         "max_new_tokens": n, "temperature": 0, "ignore_eos": True}, return_logprob=True)
-    res = []
-    for out in outs:
-        lp = out["meta_info"]["output_token_logprobs"]
-        res.append(([t for _, t, _ in lp], torch.tensor([x for x, _, _ in lp], dtype=torch.float64)))
-    return res
+    return [(tokens, lps) for tokens, lps, _ in decoded(outs)]
+
+
+def check_oracle(oracle, prompt: list[int], gen: list[int], got: torch.Tensor, what: str) -> float:
+    """A greedy continuation of ``prompt`` against the oracle (oracle.check_greedy, TOL);
+    returns the largest logprob difference."""
+    return check_greedy(oracle.logprobs(prompt + gen), len(prompt), gen, got, TOL, what)
 
 
 class Trace:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import threading
 import time
 
@@ -16,7 +15,7 @@ import requests
 
 from conftest import CONTEXT
 from server_process import free_port, running_server
-from sglang_helpers import CHUNK, S, W, random_ids
+from sglang_helpers import CHUNK, S, W, launch_server_cmd, random_ids
 
 from streaming_sink.metric_names import metric_name
 from streaming_sink.policy import SinkPolicy
@@ -32,11 +31,7 @@ RECYCLED = metric_name("sglang", "recycled") + "_total"
 def server(tiny_llama_128, tmp_path_factory):
     port = free_port()
     log = tmp_path_factory.mktemp("server-metrics") / "server.log"
-    cmd = [sys.executable, "-m", "sglang.launch_server", "--model-path", tiny_llama_128,
-           "--host", "127.0.0.1", "--port", str(port), "--device", "cpu", "--dtype", "float32",
-           "--kv-policy", "streaming-sink", "--sink-tokens", str(S), "--sink-window", str(W),
-           "--max-total-tokens", "2048", "--chunked-prefill-size", str(CHUNK), "--context-length", "16384",
-           "--max-running-requests", "8", "--skip-server-warmup", "--enable-metrics"]
+    cmd = launch_server_cmd(tiny_llama_128, port, "--enable-metrics")
     with running_server(cmd, port, log, dict(os.environ), timeout=300) as base:
         yield base
 

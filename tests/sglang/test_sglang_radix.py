@@ -16,7 +16,7 @@ import torch
 
 from conftest import CONTEXT
 from oracle import OracleLlama
-from sglang_helpers import CHUNK, TOL, Trace, engine_args, flush, random_ids, trace_path
+from sglang_helpers import CHUNK, TOL, Trace, check_oracle, decoded, engine_args, flush, random_ids, trace_path
 
 from streaming_sink.policy import SinkPolicy
 
@@ -54,25 +54,8 @@ def oracle(tiny_llama_128):
 
 def run(engine, prompts, n=REPLY):
     """Greedy replies: (tokens, logprobs, cached prompt tokens) per prompt."""
-    outs = engine.generate(input_ids=prompts, sampling_params={
-        "max_new_tokens": n, "temperature": 0, "ignore_eos": True}, return_logprob=True)
-    res = []
-    for out in outs:
-        lp = out["meta_info"]["output_token_logprobs"]
-        res.append(([t for _, t, _ in lp], torch.tensor([x for x, _, _ in lp], dtype=torch.float64),
-                    out["meta_info"]["cached_tokens"]))
-    return res
-
-
-def check_oracle(oracle, prompt, gen, got, what):
-    lp = oracle.logprobs(prompt + gen)[len(prompt) - 1:-1]
-    want = lp.gather(1, torch.tensor(gen)[:, None]).squeeze(1)
-    diff = (got - want).abs().max().item()
-    assert diff < TOL, f"{what}: max |engine - oracle| {diff:.3g}"
-    top2 = lp.topk(2, dim=1).values
-    clear = (top2[:, 0] - top2[:, 1]) > 1e-3
-    assert torch.equal(lp.argmax(1)[clear], torch.tensor(gen)[clear]), what
-    return diff
+    return decoded(engine.generate(input_ids=prompts, sampling_params={
+        "max_new_tokens": n, "temperature": 0, "ignore_eos": True}, return_logprob=True))
 
 
 def idle_probe(engine, trace) -> dict:

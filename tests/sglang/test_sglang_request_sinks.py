@@ -20,10 +20,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sys
 import threading
 import uuid
-from pathlib import Path
 
 import pytest
 import requests
@@ -32,7 +30,8 @@ import torch
 from conftest import CONTEXT
 from oracle import OracleLlama
 from server_process import free_port, running_server
-from sglang_helpers import CHUNK, TOL, Trace, engine_args, flush, random_ids, trace_path
+from sglang_helpers import CHUNK, TOL, Trace, check_oracle, decoded, engine_args, flush, launch_server_cmd, \
+    random_ids, trace_path
 
 from streaming_sink.policy import SinkPolicy
 
@@ -83,25 +82,8 @@ def oracles(tiny_llama_128):
 
 def generate(engine, prompts, sinks, n, rids=None):
     """One batch; (tokens, logprobs, cached prompt tokens) per request."""
-    outs = engine.generate(input_ids=prompts, sampling_params=[sampling(s, n) for s in sinks],
-                           return_logprob=True, rid=rids)
-    res = []
-    for out in outs:
-        lp = out["meta_info"]["output_token_logprobs"]
-        res.append(([t for _, t, _ in lp], torch.tensor([x for x, _, _ in lp], dtype=torch.float64),
-                    out["meta_info"]["cached_tokens"]))
-    return res
-
-
-def check_oracle(oracle, prompt, gen, got, what: str) -> float:
-    lp = oracle.logprobs(prompt + gen)[len(prompt) - 1:-1]
-    want = lp.gather(1, torch.tensor(gen)[:, None]).squeeze(1)
-    diff = (got - want).abs().max().item()
-    assert diff < TOL, f"{what}: max |engine - oracle| {diff:.3g} at step {(got - want).abs().argmax()}"
-    top2 = lp.topk(2, dim=1).values
-    clear = (top2[:, 0] - top2[:, 1]) > 1e-3
-    assert torch.equal(lp.argmax(1)[clear], torch.tensor(gen)[clear]), what
-    return diff
+    return decoded(engine.generate(input_ids=prompts, sampling_params=[sampling(s, n) for s in sinks],
+                                   return_logprob=True, rid=rids))
 
 
 @pytest.fixture(scope="module")
@@ -213,11 +195,8 @@ def chat_model(tiny_llama_128, tmp_path_factory) -> str:
 def server(chat_model, tmp_path_factory):
     port = free_port()
     log = tmp_path_factory.mktemp("server") / "server.log"
-    cmd = [sys.executable, "-m", "sglang.launch_server", "--model-path", chat_model,
-           "--host", "127.0.0.1", "--port", str(port), "--device", "cpu", "--dtype", "float32",
-           "--kv-policy", "streaming-sink", "--sink-tokens", f"system:{DEFAULT_S}", "--sink-window", str(W),
-           "--max-sink-tokens", str(CAP), "--max-total-tokens", "2048", "--chunked-prefill-size", str(CHUNK),
-           "--context-length", "16384", "--max-running-requests", "8", "--skip-server-warmup"]
+    cmd = launch_server_cmd(chat_model, port, "--max-sink-tokens", str(CAP), sink_tokens=f"system:{DEFAULT_S}",
+                            sink_window=W)
     # 600 s: a loaded 2-core runner took > 300 s to start this server once
     with running_server(cmd, port, log, dict(os.environ), timeout=600) as base:
         yield base

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 
 import pytest
@@ -15,7 +14,7 @@ import requests
 from conftest import CONTEXT
 from oracle import OracleLlama
 from server_process import free_port, running_server
-from sglang_helpers import CHUNK, TOL, S, Trace, W, random_ids, trace_path
+from sglang_helpers import TOL, S, Trace, W, launch_server_cmd, random_ids, trace_path
 
 
 @pytest.fixture(scope="module")
@@ -23,11 +22,7 @@ def server(tiny_llama_128, tmp_path_factory):
     trace = Trace(trace_path(tmp_path_factory))
     port = free_port()
     log = tmp_path_factory.mktemp("server") / "server.log"
-    cmd = [sys.executable, "-m", "sglang.launch_server", "--model-path", tiny_llama_128,
-           "--host", "127.0.0.1", "--port", str(port), "--device", "cpu", "--dtype", "float32",
-           "--kv-policy", "streaming-sink", "--sink-tokens", str(S), "--sink-window", str(W),
-           "--max-total-tokens", "2048", "--chunked-prefill-size", str(CHUNK), "--context-length", "16384",
-           "--max-running-requests", "8", "--skip-server-warmup"]
+    cmd = launch_server_cmd(tiny_llama_128, port)
     with running_server(cmd, port, log, dict(os.environ), timeout=300) as base:
         yield base, trace, log
 
