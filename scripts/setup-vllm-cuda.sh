@@ -11,7 +11,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-VLLM_CUDA_VERSION=0.33.0   # keep in CHECKED_VLLM_VERSIONS (vllm_sink/hooks.py)
+VLLM_CUDA_VERSION=0.33.0   # keep in CHECKED_VLLM_VERSIONS (streaming_sink/versions.py)
 VENV=.venv-vllm-cuda
 # Every transitive version pinned (scripts/constraints/*.txt, written by
 # scripts/freeze-constraints.sh): next month's CI installs what was tested.

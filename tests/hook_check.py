@@ -27,7 +27,7 @@ def _raw(owner, name):
 
 
 def vllm_original(fn):
-    """The vLLM function behind one of our wrappers (hooks.py), else ``fn`` itself."""
+    """The vLLM function behind one of our wrappers (vllm_sink/hooks, sglang_sink/hooks.py), else ``fn`` itself."""
     seen = 0
     while callable(fn) and getattr(fn, "__module__", "").startswith("vllm_sink") and seen < 8:
         seen += 1

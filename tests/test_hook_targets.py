@@ -15,7 +15,7 @@ def test_hook_targets_exist_with_expected_parameters():
     targets = hook_targets("cpu")
     assert len(targets) > 100
     problems = hook_check.check_all(targets)
-    assert not problems, "vLLM {} differs from vllm_sink/hooks.py hook_targets():\n  {}".format(
+    assert not problems, "vLLM {} differs from vllm_sink.hooks.hook_targets():\n  {}".format(
         vllm.__version__, "\n  ".join(problems))
 
 
@@ -34,8 +34,8 @@ def test_the_check_sees_a_rename_and_a_changed_signature():
     problem = hook_check.check_target(
         "call", "vllm.v1.core.kv_cache_utils:resolve_block_hashes", ("block_hashes", "hash_block_size"))
     assert "missing a required argument: 'block_size'" in problem
-    # Patched targets are checked as vLLM's originals (hooks.py wraps them).
+    # Patched targets are checked as vLLM's originals (vllm_sink/hooks wraps them).
     from vllm.engine.arg_utils import EngineArgs
 
-    assert EngineArgs.from_cli_args.__func__.__module__ == "vllm_sink.hooks"
+    assert EngineArgs.from_cli_args.__func__.__module__ == "vllm_sink.hooks.engine_config"
     assert hook_check.check_target("override", "vllm.engine.arg_utils:EngineArgs.from_cli_args", ("args",)) is None

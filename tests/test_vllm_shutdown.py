@@ -40,7 +40,7 @@ def test_sigterm_with_open_streams_ends_every_stream_and_exits(tmp_path):
 
     # The tiny Llama (256-token context) streaming 3000 tokens, 12x its context, with
     # --max-model-len past it: which also checks that the policy's settings reach vLLM's
-    # extra API server processes (hooks.py, from_cli_args).
+    # extra API server processes (hooks/engine_config.py, from_cli_args).
     model = build_tiny_llama(tmp_path / "tiny")
     # startup_timeout: a shared 2-core machine at load average ~24 once took > 400 s to start.
     args = argparse.Namespace(

@@ -103,7 +103,7 @@ class SinkBackend:
     builder_cls: ClassVar[type]
     impl_cls: ClassVar[type]
     # vLLM asks customize_spec() for the layer specs outside any config context;
-    # the model-load hook (hooks.py) sets the engine's policy here.
+    # the model-load hook (hooks/model_load.py) sets the engine's policy here.
     policy: ClassVar[SinkPolicy | None] = None
     max_sink_tokens: ClassVar[int | None] = None  # --max-sink-tokens (set with policy)
 

@@ -31,7 +31,7 @@ from streaming_sink.policy import SinkPolicy
 
 
 # The S of the request whose prefix-cache hit vLLM is looking up (find_longest_cache_hit
-# is a classmethod without the request): set by hooks.py around get_computed_blocks.
+# is a classmethod without the request): set by hooks/per_request_sinks.py around get_computed_blocks.
 LOOKUP_SINK_TOKENS: ContextVar[int | None] = ContextVar("streaming_sink_lookup_sinks", default=None)
 
 
@@ -78,7 +78,7 @@ class StreamingSinkManager(SlidingWindowManager):
         super().__init__(kv_cache_spec, **kwargs)
         self.policy = kv_cache_spec.policy  # the server default's (requests without their own S)
         self.largest_policy = kv_cache_spec.largest_policy  # S at the cap: the bounds metrics quote
-        # Per-request sinks: each running request's S (hooks.py registers it from the
+        # Per-request sinks: each running request's S (hooks/per_request_sinks.py registers it from the
         # request before vLLM looks up its hit or allocates for it; gone when it frees).
         self._policies: dict[str, SinkPolicy] = {}  # built once per request, read every step
         self._admission_limits: tuple[int, int] | None = None  # (max_in_flight_tokens, max_model_len)
@@ -181,7 +181,7 @@ class StreamingSinkManager(SlidingWindowManager):
                                alignment_tokens: int, dcp_world_size: int = 1, pcp_world_size: int = 1):
         bs = kv_cache_spec.block_size
         # Refused at startup (EAGLE/MTP drafters, which ask to drop the hit's last block
-        # for their own KV: hooks._check_speculative; DCP/PCP; a second block size): say
+        # for their own KV: hooks/engine_config.py check_speculative; DCP/PCP; a second block size): say
         # so here too rather than return a hit on other terms. n-gram drafts need no drop.
         if drop_eagle_block or dcp_world_size > 1 or pcp_world_size > 1 or alignment_tokens != bs:
             raise RuntimeError("streaming-sink prefix caching: EAGLE/MTP block drop, DCP/PCP and hit "
@@ -195,7 +195,7 @@ class StreamingSinkManager(SlidingWindowManager):
                 found[b] = blocks
             return bool(blocks)
 
-        # The looked-up request's own S (hooks.py sets it around vLLM's lookup; the hash
+        # The looked-up request's own S (hooks/per_request_sinks.py sets it around vLLM's lookup; the hash
         # chain already keeps other-S requests apart, its S decides which blocks it reads).
         s = LOOKUP_SINK_TOKENS.get()
         policy = kv_cache_spec.policy if s is None else kv_cache_spec.request_policy(s)

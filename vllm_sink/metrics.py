@@ -2,7 +2,7 @@
 
 The numbers are measured in the engine core, where the KV blocks live
 (``StreamingSinkManager.policy_stats``), and reach the frontend inside the
-``SchedulerStats`` of each step (hooks.py, touch point 6). This module is the
+``SchedulerStats`` of each step (hooks/scheduler_stats.py, touch point 7). This module is the
 frontend's side: a stat logger plugin (entry point group
 ``vllm.stat_logger_plugins``, pyproject.toml) that keeps the latest values per
 engine and serves them through one collector in prometheus_client's default

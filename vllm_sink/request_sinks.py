@@ -10,7 +10,7 @@
 * Worker: ``WorkerSinks`` holds each batch row's ``S`` for the metadata builder (host
   tensor for the split, a persistent device tensor for the kernels) and each token's ``S``
   in a persistent device buffer the RoPE wrappers read (rope_remap.py); the model runner
-  fills both once per step (hooks.py). A batch whose rows all have the server default
+  fills both once per step (hooks/per_request_sinks.py). A batch whose rows all have the server default
   keeps the old path: no per-row tensor reaches the kernels.
 
 The rules themselves are the core's (streaming_sink/request_sinks.py, policy.py).

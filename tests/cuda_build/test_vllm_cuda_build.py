@@ -51,14 +51,14 @@ def test_plugin_installs_through_vllm_entry_point():
 
     assert hooks._installed and not already, "vllm_sink was imported before vLLM loaded its plugins"
     assert PINNED in hooks.CHECKED_VLLM_VERSIONS
-    assert EngineArgs.from_cli_args.__func__.__module__ == "vllm_sink.hooks"
+    assert EngineArgs.from_cli_args.__func__.__module__ == "vllm_sink.hooks.engine_config"
     for fn in (EngineArgs.add_cli_args, EngineArgs.create_engine_config, EngineArgs.__init__,
                AsyncEngineArgs.__init__, vars(GPUModelRunner)["load_model"]):
         assert hasattr(fn, "__wrapped__"), f"{fn.__qualname__} is not hooked"
     # CUSTOM resolves through the platform's own selection, wrapped (backend.wrap).
     from vllm.platforms import current_platform
 
-    assert type(current_platform).get_attn_backend_cls.__func__.__module__ == "vllm_sink.hooks"
+    assert type(current_platform).get_attn_backend_cls.__func__.__module__ == "vllm_sink.hooks.attention_backend"
 
 
 def test_hook_targets_exist_with_expected_parameters():
@@ -67,7 +67,7 @@ def test_hook_targets_exist_with_expected_parameters():
     targets = hook_targets("cuda")
     assert len(targets) > 80
     problems = hook_check.check_all(targets)
-    assert not problems, "vLLM {} (CUDA build) differs from vllm_sink/hooks.py hook_targets():\n  {}".format(
+    assert not problems, "vLLM {} (CUDA build) differs from vllm_sink.hooks.hook_targets():\n  {}".format(
         PINNED, "\n  ".join(problems))
 
 
@@ -159,7 +159,7 @@ def test_policy_runs_up_to_vllm_device_check(tiny_llama, no_device):
     frames = [(entry.path.as_posix(), entry.name) for entry in failure.traceback]
     assert frames[-1] == (frames[-1][0], "__post_init__") and frames[-1][0].endswith("vllm/config/device.py"), \
         f"the failure is not vLLM's device setup: {frames[-3:]}"
-    assert any(path.endswith("vllm_sink/hooks.py") and name == "_create_streaming_config"
+    assert any(path.endswith("vllm_sink/hooks/engine_config.py") and name == "_create_streaming_config"
                for path, name in frames), "our create_engine_config hook did not hand over to vLLM's"
     # Our hook ran before vLLM's config stopped: backend, chunked prefill, stream length.
     from vllm.v1.attention.backends.registry import AttentionBackendEnum
