@@ -10,6 +10,20 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 start=$SECONDS
+# Disk: the three venvs take ~25 GB once installed (vLLM CPU ~4, SGLang ~11, vLLM CUDA ~9.5;
+# pip needs more while it unpacks). Say up front what a fresh setup needs, and stop with one
+# line when the disk cannot hold even the installed venvs (pip would fail minutes in with
+# "No space left on device").
+need_gb=0
+[ -x .venv/bin/python ] || need_gb=$((need_gb + 4))
+[ -x .venv-sglang/bin/python ] || need_gb=$((need_gb + 11))
+[ -x .venv-vllm-cuda/bin/python ] || need_gb=$((need_gb + 9))
+free_gb=$(df -Pk . | awk 'NR == 2 { print int($4 / 1048576) }')
+echo "== [test] disk: ${free_gb} GB free here; the venvs still to install need ~${need_gb} GB"
+if [ "$free_gb" -lt "$need_gb" ]; then
+  echo "== [test] error: ${free_gb} GB free, the missing venvs need ~${need_gb} GB: free disk space first" >&2
+  exit 1
+fi
 bash scripts/setup-vllm.sh
 bash scripts/setup-sglang.sh
 bash scripts/setup-vllm-cuda.sh
