@@ -31,6 +31,7 @@ def _ours(fn):
 
 def install() -> None:
     _install_request_frontend()
+    _install_offline_chat()
     _install_request_scheduler()
     _install_request_worker()
 
@@ -73,18 +74,35 @@ def _install_request_frontend() -> None:
     OpenAIServingChat.render_chat_request = render_chat_request
 
 
-async def _system_turn_sinks(serving, request, rendered, opts) -> None:
-    """`--sink-tokens system`: the request's S is its rendered system turn's length (the
-    common prefix of the prompt and the system message rendered alone), capped at
-    --max-sink-tokens (logged). A request's own vllm_xargs sink_tokens is honoured; no
-    system message: the fallback number (the server default, nothing to set)."""
-    from streaming_sink.request_sinks import FIELD, capped, system_turn_tokens
-
-    xargs = request.vllm_xargs or {}
-    messages = request.messages or []
+def _system_message(messages):
+    """The conversation's first message when it is the system turn, else None."""
     first = messages[0] if messages else None
     role = first.get("role") if isinstance(first, dict) else getattr(first, "role", None)
-    if FIELD in xargs or role != "system":
+    return first if role == "system" else None
+
+
+def _system_turn_s(prompt_ids, system_ids, opts) -> int:
+    """S for a conversation: its rendered system turn's length (the common prefix of the
+    prompt and the system message rendered alone), capped at --max-sink-tokens (logged)."""
+    from streaming_sink.request_sinks import capped, system_turn_tokens
+
+    n = system_turn_tokens(prompt_ids or [], system_ids or [])
+    cap = sink_flags.max_sink_tokens(opts)
+    if n > cap:
+        logger.warning("streaming-sink: a system turn of %d tokens is longer than --max-sink-tokens %d: "
+                       "its first %d tokens are the request's sinks", n, cap, cap)
+    return capped(n, cap)
+
+
+async def _system_turn_sinks(serving, request, rendered, opts) -> None:
+    """`--sink-tokens system` (OpenAI chat endpoint): the request's S is its system turn's
+    length (_system_turn_s). A request's own vllm_xargs sink_tokens is honoured; no
+    system message: the fallback number (the server default, nothing to set)."""
+    from streaming_sink.request_sinks import FIELD
+
+    xargs = request.vllm_xargs or {}
+    first = _system_message(request.messages or [])
+    if FIELD in xargs or first is None:
         return
     alone = request.model_copy(update={"messages": [first], "add_generation_prompt": False,
                                        "continue_final_message": False})
@@ -94,14 +112,60 @@ async def _system_turn_sinks(serving, request, rendered, opts) -> None:
                        "(%s); the request keeps --sink-tokens %d", getattr(system_only, "error", system_only),
                        opts["sink_tokens"])
         return
-    prompt_ids = serving._extract_prompt_components(rendered[1][0]).token_ids or []
-    system_ids = serving._extract_prompt_components(system_only[1][0]).token_ids or []
-    n = system_turn_tokens(prompt_ids, system_ids)
-    cap = sink_flags.max_sink_tokens(opts)
-    if n > cap:
-        logger.warning("streaming-sink: a system turn of %d tokens is longer than --max-sink-tokens %d: "
-                       "its first %d tokens are the request's sinks", n, cap, cap)
-    request.vllm_xargs = {**xargs, FIELD: capped(n, cap)}
+    prompt_ids = serving._extract_prompt_components(rendered[1][0]).token_ids
+    system_ids = serving._extract_prompt_components(system_only[1][0]).token_ids
+    request.vllm_xargs = {**xargs, FIELD: _system_turn_s(prompt_ids, system_ids, opts)}
+
+
+def _install_offline_chat() -> None:
+    """``LLM.chat`` in `--sink-tokens system` mode: each conversation's S is its system
+    turn's length, as on the chat endpoint. The conversations with a system message (and
+    no sink_tokens of their own) are rendered once more here, whole and cut to the
+    system message, and get a copy of their SamplingParams carrying S (the caller's
+    object is left as it was)."""
+    from vllm.entrypoints.common.offline import OfflineInferenceMixin
+
+    original = vars(OfflineInferenceMixin)["_add_chat_requests"]
+
+    @_ours
+    @functools.wraps(original)
+    def _add_chat_requests(self, messages, params, **kwargs):
+        opts = sink_config.settings(self.llm_engine.vllm_config.additional_config)
+        if sink_flags.system_mode(opts):
+            params = _offline_system_turn_params(self, messages, params, kwargs, opts)
+        return original(self, messages, params, **kwargs)
+
+    OfflineInferenceMixin._add_chat_requests = _add_chat_requests
+
+
+_RENDER_KEYS = ("chat_template", "chat_template_content_format", "chat_template_kwargs", "tools",
+                "tokenization_kwargs", "mm_processor_kwargs")
+
+
+def _offline_system_turn_params(llm, messages, params, kwargs, opts) -> list:
+    from vllm.renderers.inputs.preprocess import conversation_to_seq, extract_prompt_components
+    from vllm.sampling_params import SamplingParams
+
+    from streaming_sink.request_sinks import FIELD
+
+    conversations = conversation_to_seq(messages)
+    per_conversation = list(llm._params_to_seq(params, len(conversations)))
+    render = {key: kwargs[key] for key in _RENDER_KEYS if key in kwargs}
+    for i, conversation in enumerate(conversations):
+        p, first = per_conversation[i], _system_message(conversation)
+        if first is None or not isinstance(p, SamplingParams) or FIELD in (p.extra_args or {}):
+            continue
+        whole = llm._preprocess_chat_one(
+            conversation, add_generation_prompt=kwargs.get("add_generation_prompt", True),
+            continue_final_message=kwargs.get("continue_final_message", False), **render)
+        alone = llm._preprocess_chat_one([first], add_generation_prompt=False, continue_final_message=False,
+                                         **render)
+        s = _system_turn_s(extract_prompt_components(llm.model_config, whole).token_ids,
+                           extract_prompt_components(llm.model_config, alone).token_ids, opts)
+        p = p.clone()
+        p.extra_args = {**(p.extra_args or {}), FIELD: s}
+        per_conversation[i] = p
+    return per_conversation
 
 
 def _install_request_scheduler() -> None:
@@ -198,6 +262,7 @@ def request_sink_targets() -> list:
     ip, kvm = "vllm.v1.engine.input_processor:InputProcessor", "vllm.v1.core.kv_cache_manager:KVCacheManager"
     chat, runner = ("vllm.entrypoints.openai.chat_completion.serving:OpenAIServingChat",
                     "vllm.v1.worker.gpu_model_runner:GPUModelRunner")
+    offline = "vllm.entrypoints.common.offline:OfflineInferenceMixin"
     return [
         ("own", f"{ip}.process_inputs", ("request_id", "prompt", "params", "supported_tasks")),
         ("attr", f"{ip}.vllm_config", None),
@@ -207,6 +272,19 @@ def request_sink_targets() -> list:
         ("attr", "vllm.v1.engine:EngineCoreRequest.cache_salt", None),
         ("attr", "vllm.v1.engine:EngineCoreRequest.sampling_params", None),
         ("own", f"{chat}.render_chat_request", ("request",)),
+        # LLM.chat in system mode (_install_offline_chat)
+        ("own", f"{offline}._add_chat_requests", ("messages", "params")),
+        ("call", f"{offline}._preprocess_chat_one", (
+            "conversation", "chat_template=", "chat_template_content_format=", "chat_template_kwargs=",
+            "add_generation_prompt=", "continue_final_message=", "tools=", "tokenization_kwargs=",
+            "mm_processor_kwargs=")),
+        ("call", f"{offline}._params_to_seq", ("params", "num_requests")),
+        ("attr", f"{offline}.llm_engine", None),
+        ("attr", f"{offline}.model_config", None),
+        ("attr", "vllm.v1.engine.llm_engine:LLMEngine.vllm_config", None),
+        ("call", "vllm.renderers.inputs.preprocess:conversation_to_seq", ("conversation_or_conversations",)),
+        ("call", "vllm.renderers.inputs.preprocess:extract_prompt_components", ("model_config", "prompt")),
+        ("call", "vllm.sampling_params:SamplingParams.clone", ()),
         ("attr", f"{chat}.online_renderer", None),
         ("attr", f"{chat}.engine_client", None),
         ("call", f"{chat}._extract_prompt_components", ("prompt",)),
