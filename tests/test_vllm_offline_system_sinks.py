@@ -17,14 +17,12 @@ import pytest
 import torch
 
 from oracle import OracleLlama
-from test_vllm_request_sinks_server import _system_turn
+from test_vllm_request_sinks_server import _system_turn, _words as _words_from
 from test_vllm_server import CHAT_TEMPLATE
 from vllm_helpers import SamplingParams, make_llm
 
 CONTEXT, BS, W, CAP, FALLBACK = 256, 32, 64, 128, 4
 TOL = 2e-4
-WORDS = ("sea ship wind rain cold house road light stone river field dog cat bird tree green "
-         "blue red small old new long time day night year hand eye word king").split()
 
 
 @pytest.fixture(scope="module")
@@ -48,8 +46,7 @@ def tokenizer(model):
 
 
 def _words(seed: int, n: int) -> str:
-    rng = random.Random(seed)
-    return " ".join(rng.choice(WORDS) for _ in range(n))
+    return _words_from(random.Random(seed), n)
 
 
 def test_llm_chat_pins_each_conversations_system_turn(llm, model, tokenizer):
