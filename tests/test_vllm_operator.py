@@ -145,30 +145,39 @@ def test_policy_metrics_with_two_api_servers(two_api_servers):
     assert during[-1]["vllm:streaming_sink_recycled_blocks_total"] > before[
         "vllm:streaming_sink_recycled_blocks_total"]
 
-    idle = _wait_idle(base)
+    h = "vllm:streaming_sink_request_live_blocks_"
+    idle = _wait_idle(base, peaks=before[h + "count"] + 1)  # the aborted stream's peak
     G = 3 * CONTEXT
     reply = requests.post(base + "/v1/completions", json={**body, "max_tokens": G, "stream": False},
                           timeout=600).json()
     assert reply["usage"]["completion_tokens"] == G, reply
-    after = _wait_idle(base)
+    after = _wait_idle(base, peaks=idle[h + "count"] + 1)
     expected = len(policy.freeable_prefix_blocks(P + G - 2))  # the last sampled token is never fed
     assert expected > 10
     c = "vllm:streaming_sink_recycled_blocks_total"
     assert after[c] - idle[c] == expected
-    h = "vllm:streaming_sink_request_live_blocks_"
     assert after[h + "count"] - idle[h + "count"] == 1
     assert after[h + "sum"] - idle[h + "sum"] == policy.max_live_blocks(1)
     assert "are not exported" not in log.read_text()
 
 
-def _wait_idle(base: str, timeout: float = 120) -> dict:
+def _wait_idle(base: str, peaks: float, timeout: float = 120) -> dict:
+    """The scrape once every block is back and ``peaks`` requests have reported their
+    peak. Each step's stats reach one of the two API servers, and the frontends merge
+    the files on every scrape, so both are waited for, then read once more: a
+    request reported twice shows as a count past ``peaks``."""
+    gauges = ("requests_past_window", "sink_blocks_pinned", "live_blocks")
+    count = "vllm:streaming_sink_request_live_blocks_count"
     deadline = time.time() + timeout
     while True:
         got = _scrape(base)
-        if all(got["vllm:streaming_sink_" + k] == 0 for k in (
-                "requests_past_window", "sink_blocks_pinned", "live_blocks")) or time.time() > deadline:
-            for k in ("requests_past_window", "sink_blocks_pinned", "live_blocks"):
+        done = all(got["vllm:streaming_sink_" + k] == 0 for k in gauges) and got[count] >= peaks
+        if done or time.time() > deadline:
+            time.sleep(1.0)
+            got = _scrape(base)
+            for k in gauges:
                 assert got["vllm:streaming_sink_" + k] == 0, k  # every block back
+            assert got[count] == peaks, (got[count], peaks)
             return got
         time.sleep(0.5)
 

@@ -137,12 +137,15 @@ class _FileEngine:
         self.recycled.inc(0)
 
     def update(self, stats: dict) -> None:
-        for key, gauge in self.gauges.items():
-            if key in stats:
-                gauge.set(stats[key])
+        # Counter and histogram before the gauges: another process may merge the files
+        # between two writes, and a scrape that shows a request gone (live 0) must
+        # already count its recycled blocks and its peak.
         self.recycled.inc(max(0, stats.get("recycled_new", 0)))
         for peak in stats.get("released_peaks", ()):
             self.hist.observe(peak)
+        for key, gauge in self.gauges.items():
+            if key in stats:
+                gauge.set(stats[key])
 
 
 _series: dict | None = None
