@@ -113,6 +113,8 @@ def check_target(kind: str, target: str, expected) -> str | None:
         return f"{target}: not found ({type(e).__name__}: {e})"
     if kind == "attr":
         return None
+    if isinstance(value, property):  # a property's code is its getter's
+        value = value.fget
     if value is _MISSING or not callable(value):
         return f"{target}: found, but not a function ({kind} expected)"
     if kind == "own" and name not in vars(owner):

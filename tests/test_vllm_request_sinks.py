@@ -148,3 +148,37 @@ def test_bad_values_refused_before_the_engine(llm, value, words):
     assert e.value.parameter == "sink_tokens"
     out = llm.generate([{"prompt_token_ids": [5, 6, 7]}], params(CAP, max_tokens=2), use_tqdm=False)
     assert len(out[0].outputs[0].token_ids) == 2  # the engine is fine
+
+
+@pytest.mark.parametrize("kw, v1_needed", [
+    (dict(kv_policy="streaming-sink", sink_tokens=DEFAULT, max_sink_tokens=CAP), True),
+    (dict(kv_policy="streaming-sink", sink_tokens="system", max_sink_tokens=CAP), True),
+    (dict(kv_policy="streaming-sink", sink_tokens=DEFAULT), False),
+    (dict(), False)])
+def test_per_request_sinks_put_vllm_on_its_v1_runner(model, kw, v1_needed):
+    """vLLM 0.33 on CUDA defaults to the V2 model runner, which this package does not hook for
+    per-request S. When the server enables them, vLLM's own list of what V2 does not support
+    names them, so vLLM picks V1 (and logs why) unless VLLM_USE_V2_MODEL_RUNNER says otherwise.
+    The list is read the same way in the CPU build (tests/cuda_build probes the CUDA one)."""
+    import vllm_sink  # noqa: F401  (the EngineArgs keywords)
+    from vllm.engine.arg_utils import EngineArgs
+
+    from vllm_sink.hooks.per_request_sinks import V2_UNSUPPORTED
+
+    config = EngineArgs(model=model, block_size=BS, dtype="float32", **kw).create_engine_config()
+    assert (V2_UNSUPPORTED in config._get_v2_model_runner_unsupported_features()) is v1_needed
+
+
+def test_a_v2_runner_refuses_a_requests_own_sinks_naming_the_field():
+    """Where V2 runs anyway (VLLM_USE_V2_MODEL_RUNNER=1): a request's own S is a 400 that says
+    how to serve it; the server default still goes through."""
+    from vllm.exceptions import VLLMValidationError
+
+    from vllm_sink.request_sinks import frontend_sink_tokens
+
+    opts = {"sink_tokens": DEFAULT, "max_sink_tokens": CAP}
+    assert frontend_sink_tokens(params(None), opts, v2_runner=True) == DEFAULT
+    with pytest.raises(VLLMValidationError, match="VLLM_USE_V2_MODEL_RUNNER=0") as e:
+        frontend_sink_tokens(params(37), opts, v2_runner=True)
+    assert e.value.parameter == "sink_tokens"
+    assert frontend_sink_tokens(params(37), opts, v2_runner=False) == 37

@@ -71,6 +71,25 @@ def main(model: str) -> dict:
     out["chunked_prefill"] = bool(config.scheduler_config.enable_chunked_prefill)
     out["max_model_len"] = config.model_config.max_model_len
     out["block_size"] = config.cache_config.block_size
+    # 4. the runner vLLM 0.33 would pick on CUDA: per-request sinks are on V2's unsupported list.
+    from vllm_sink.hooks.per_request_sinks import V2_UNSUPPORTED
+
+    per_request = parse("--kv-policy", "streaming-sink", "--sink-tokens", "system", "--max-sink-tokens", "64",
+                        "--sink-window", "128")["engine_args"].create_engine_config()
+    out["v2_unsupported"] = {"default_s": V2_UNSUPPORTED in config._get_v2_model_runner_unsupported_features(),
+                             "system_mode": V2_UNSUPPORTED in per_request._get_v2_model_runner_unsupported_features()}
+    # An explicit VLLM_USE_V2_MODEL_RUNNER=1 wins over that list: vLLM then refuses the config.
+    import os
+
+    os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "1"
+    try:
+        parse("--kv-policy", "streaming-sink", "--sink-tokens", "system", "--max-sink-tokens", "64",
+              "--sink-window", "128")["engine_args"].create_engine_config()
+        out["v2_forced"] = None
+    except ValueError as e:
+        out["v2_forced"] = str(e)
+    finally:
+        del os.environ["VLLM_USE_V2_MODEL_RUNNER"]
     # A window that is no multiple of --block-size is refused at this step.
     bad_window = parse("--kv-policy", "streaming-sink", "--sink-window", "100")["engine_args"]
     try:

@@ -256,3 +256,17 @@ def test_policy_resolves_in_create_engine_config(probe):
     assert probe["chunked_prefill"] is True
     assert probe["max_model_len"] == 131072 and probe["block_size"] == 16
     assert probe["bad_window"].startswith("--sink-window must be a positive multiple of the KV block size (16)")
+
+
+def test_per_request_sinks_keep_vllm_off_its_v2_runner(probe):
+    """The CUDA build's default runner is V2, not hooked for per-request S: a server that enables
+    them (here --sink-tokens system) has them on V2's unsupported list, so vLLM picks V1."""
+    assert probe["v2_unsupported"] == {"default_s": False, "system_mode": True}
+
+
+def test_an_explicit_v2_runner_with_per_request_sinks_is_refused_at_startup(probe):
+    """VLLM_USE_V2_MODEL_RUNNER=1 is the user's choice and vLLM reads it first: the same list then
+    makes vLLM refuse the config, naming our flags, rather than serve requests it would 400."""
+    assert probe["v2_forced"] is not None, "V2 forced with per-request sinks was accepted"
+    assert "Model Runner V2 does not yet support" in probe["v2_forced"], probe["v2_forced"]
+    assert "--sink-tokens system, --max-sink-tokens" in probe["v2_forced"], probe["v2_forced"]

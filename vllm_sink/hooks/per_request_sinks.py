@@ -7,7 +7,10 @@ rendered system turn's length. Scheduler: ``KVCacheManager.get_computed_blocks``
 ``allocate_slots`` tell the policy's managers each request's S (and the hit lookup, a
 classmethod, through ``kv_manager.LOOKUP_SINK_TOKENS``); ``__init__`` hands them the admission
 inputs. Worker: ``GPUModelRunner._prepare_inputs`` (V1 runner; CPU's subclasses it) fills
-each row's and token's S before the step's metadata and forward.
+each row's and token's S before the step's metadata and forward. Runner choice:
+``VllmConfig._get_v2_model_runner_unsupported_features`` lists per-request sinks when the
+server enables them, so vLLM itself picks the V1 runner (V2 is not hooked) unless the user set
+``VLLM_USE_V2_MODEL_RUNNER``.
 """
 
 from __future__ import annotations
@@ -30,10 +33,41 @@ def _ours(fn):
 
 
 def install() -> None:
+    _install_runner_choice()
     _install_request_frontend()
     _install_offline_chat()
     _install_request_scheduler()
     _install_request_worker()
+
+
+V2_UNSUPPORTED = "streaming-sink's per-request sinks (--sink-tokens system, --max-sink-tokens)"
+
+
+def per_request_sinks_enabled(opts: dict | None) -> bool:
+    """Whether the server lets requests carry an S above --sink-tokens: what only the V1 runner
+    serves. (A smaller S is always allowed, but nobody enables that on purpose.)"""
+    return bool(opts) and (sink_flags.system_mode(opts) or sink_flags.max_sink_tokens(opts) > opts["sink_tokens"])
+
+
+def _install_runner_choice() -> None:
+    """vLLM 0.33 on CUDA defaults to its V2 model runner, which this package does not hook for
+    per-request S (its front end would answer each such request with a 400). vLLM's own list
+    of what V2 does not support gets per-request sinks when the server enables them, so vLLM
+    picks V1 and logs why. An explicit VLLM_USE_V2_MODEL_RUNNER is read before that list and
+    wins, as vLLM intends."""
+    from vllm.config import VllmConfig
+
+    original = VllmConfig._get_v2_model_runner_unsupported_features
+
+    @_ours
+    @functools.wraps(original)
+    def _get_v2_model_runner_unsupported_features(self):
+        unsupported = original(self)
+        if per_request_sinks_enabled(sink_config.settings(self.additional_config)):
+            unsupported = [*unsupported, V2_UNSUPPORTED]
+        return unsupported
+
+    VllmConfig._get_v2_model_runner_unsupported_features = _get_v2_model_runner_unsupported_features
 
 
 def _install_request_frontend() -> None:
@@ -264,6 +298,10 @@ def request_sink_targets() -> list:
                     "vllm.v1.worker.gpu_model_runner:GPUModelRunner")
     offline = "vllm.entrypoints.common.offline:OfflineInferenceMixin"
     return [
+        # the runner choice (_install_runner_choice): vLLM reads the list when no env var decides
+        ("own", "vllm.config:VllmConfig._get_v2_model_runner_unsupported_features", ()),
+        ("uses", "vllm.config:VllmConfig.use_v2_model_runner", ("_get_v2_model_runner_unsupported_features",)),
+        ("attr", "vllm.config:VllmConfig.additional_config", None),
         ("own", f"{ip}.process_inputs", ("request_id", "prompt", "params", "supported_tasks")),
         ("attr", f"{ip}.vllm_config", None),
         ("attr", "vllm.config:VllmConfig.use_v2_model_runner", None),
