@@ -138,6 +138,13 @@ def system_mode(opts: dict | None) -> bool:
     return bool(opts) and opts.get("sink_mode") == SYSTEM
 
 
+def larger_request_sinks(opts: dict | None) -> bool:
+    """Whether the settings let a request carry an S above the default (system mode, or a cap
+    above --sink-tokens): what an operator turns on to get per-request sinks. A smaller S is
+    allowed under any settings."""
+    return system_mode(opts) or (bool(opts) and max_sink_tokens(opts) > opts["sink_tokens"])
+
+
 def flags_given(flags: dict) -> bool:
     """Whether the user touched any of the flags (all unset: nothing to check)."""
     return not (flags.get("kv_policy") in (None, "none") and flags.get("sink_tokens") is None

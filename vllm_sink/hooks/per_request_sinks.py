@@ -43,12 +43,6 @@ def install() -> None:
 V2_UNSUPPORTED = "streaming-sink's per-request sinks (--sink-tokens system, --max-sink-tokens)"
 
 
-def per_request_sinks_enabled(opts: dict | None) -> bool:
-    """Whether the server lets requests carry an S above --sink-tokens: what only the V1 runner
-    serves. (A smaller S is always allowed, but nobody enables that on purpose.)"""
-    return bool(opts) and (sink_flags.system_mode(opts) or sink_flags.max_sink_tokens(opts) > opts["sink_tokens"])
-
-
 def _install_runner_choice() -> None:
     """vLLM 0.33 on CUDA defaults to its V2 model runner, which this package does not hook for
     per-request S (its front end would answer each such request with a 400). vLLM's own list
@@ -63,7 +57,7 @@ def _install_runner_choice() -> None:
     @functools.wraps(original)
     def _get_v2_model_runner_unsupported_features(self):
         unsupported = original(self)
-        if per_request_sinks_enabled(sink_config.settings(self.additional_config)):
+        if sink_flags.larger_request_sinks(sink_config.settings(self.additional_config)):
             unsupported = [*unsupported, V2_UNSUPPORTED]
         return unsupported
 
