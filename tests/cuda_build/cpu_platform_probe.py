@@ -74,8 +74,9 @@ def main(model: str) -> dict:
     # 4. the runner vLLM 0.33 would pick on CUDA: per-request sinks are on V2's unsupported list.
     from vllm_sink.hooks.per_request_sinks import V2_UNSUPPORTED
 
-    per_request = parse("--kv-policy", "streaming-sink", "--sink-tokens", "system", "--max-sink-tokens", "64",
-                        "--sink-window", "128")["engine_args"].create_engine_config()
+    per_request_flags = ("--kv-policy", "streaming-sink", "--sink-tokens", "system", "--max-sink-tokens", "64",
+                         "--sink-window", "128")
+    per_request = parse(*per_request_flags)["engine_args"].create_engine_config()
     out["v2_unsupported"] = {"default_s": V2_UNSUPPORTED in config._get_v2_model_runner_unsupported_features(),
                              "system_mode": V2_UNSUPPORTED in per_request._get_v2_model_runner_unsupported_features()}
     # An explicit VLLM_USE_V2_MODEL_RUNNER=1 wins over that list: vLLM then refuses the config.
@@ -83,8 +84,7 @@ def main(model: str) -> dict:
 
     os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "1"
     try:
-        parse("--kv-policy", "streaming-sink", "--sink-tokens", "system", "--max-sink-tokens", "64",
-              "--sink-window", "128")["engine_args"].create_engine_config()
+        parse(*per_request_flags)["engine_args"].create_engine_config()
         out["v2_forced"] = None
     except ValueError as e:
         out["v2_forced"] = str(e)
