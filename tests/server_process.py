@@ -8,6 +8,7 @@ SGLang's scheduler and detokenizer) too.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -68,3 +69,23 @@ def vllm_server_env() -> dict:
 def served_model(base: str) -> str:
     """The model name an OpenAI-compatible server at ``base`` serves."""
     return requests.get(base + "/v1/models", timeout=10).json()["data"][0]["id"]
+
+
+@contextlib.contextmanager
+def streamed_past(url: str, body: dict, tokens: int):
+    """POST ``body`` to an OpenAI-compatible ``url`` as a stream and read it until the server
+    has generated ``tokens`` completion tokens; the with-block runs while the request still
+    streams, and leaving it closes the connection (the server aborts the request). Yields the
+    tokens counted so far. Counted from vLLM's per-event usage (``continuous_usage_stats``),
+    never from events: a busy server merges many tokens into one event (CI once saw a
+    16000-token stream end before its 260th event)."""
+    body = {**body, "stream": True, "stream_options": {"include_usage": True, "continuous_usage_stats": True}}
+    with requests.post(url, json=body, stream=True, timeout=600) as r:
+        assert r.status_code == 200, r.text
+        for line in r.iter_lines():
+            if line.startswith(b"data: {"):
+                got = (json.loads(line[6:]).get("usage") or {}).get("completion_tokens", 0)
+                if got >= tokens:
+                    yield got
+                    return
+    pytest.fail(f"the stream ended before {tokens} generated tokens")

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from server_process import free_port, running_server, served_model, vllm_server_env
+from server_process import free_port, running_server, served_model, streamed_past, vllm_server_env
 
 CONTEXT = 256  # the tiny model's max_position_embeddings
 VLLM = str(Path(sys.executable).with_name("vllm"))
@@ -128,16 +128,12 @@ def test_policy_metrics_with_two_api_servers(two_api_servers):
     assert {k.split("{")[0] for k in before} == exposed_names("vllm"), sorted(before)
     assert before["vllm:streaming_sink_max_live_blocks"] == policy.max_live_blocks() == 6
 
-    body = {"model": model, "prompt": list(range(5, 5 + P)), "max_tokens": 16000,
-            "temperature": 0, "ignore_eos": True, "stream": True}
-    events, during = 0, []
-    with requests.post(base + "/v1/completions", json=body, stream=True, timeout=600) as r:
-        assert r.status_code == 200, r.text
-        for line in r.iter_lines():
-            events += line.startswith(b"data: {")
-            if P + events > policy.dense_tokens + 4 * policy.block_size:
-                during = [_scrape(base) for _ in range(3)]
-                break
+    # the server's default --max-model-len (131072): minutes of tokens, far past the scrapes
+    body = {"model": model, "prompt": list(range(5, 5 + P)), "max_tokens": 130000,
+            "temperature": 0, "ignore_eos": True}
+    past = policy.dense_tokens + 4 * policy.block_size - P + 1  # four blocks past the window
+    with streamed_past(base + "/v1/completions", body, past):
+        during = [_scrape(base) for _ in range(3)]
     for s in during:
         assert s["vllm:streaming_sink_requests_past_window"] == 1, s
         assert s["vllm:streaming_sink_sink_blocks_pinned"] == policy.sink_blocks

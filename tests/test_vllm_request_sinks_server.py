@@ -19,8 +19,8 @@ import requests
 import torch
 
 from oracle import OracleLlama, check_greedy
-from server_process import free_port, running_server, served_model, vllm_server_env
-from test_vllm_server import CHAT_TEMPLATE, VLLM, _scrape
+from server_process import free_port, running_server, served_model, streamed_past, vllm_server_env
+from test_vllm_server import CHAT_TEMPLATE, LONG, VLLM, _scrape
 
 from streaming_sink.policy import SinkPolicy
 
@@ -38,7 +38,7 @@ def server(tiny_llama, tmp_path_factory):
     cmd = [VLLM, "serve", tiny_llama, "--host", "127.0.0.1", "--port", str(port),
            "--kv-policy", "streaming-sink", "--sink-tokens", f"system:{FALLBACK}",
            "--max-sink-tokens", str(CAP), "--sink-window", str(W), "--block-size", str(BS),
-           "--max-model-len", "16384", "--dtype", "float32", "--max-num-batched-tokens", "256",
+           "--max-model-len", str(LONG), "--dtype", "float32", "--max-num-batched-tokens", "256",
            "--enable-prompt-tokens-details", "--chat-template", CHAT_TEMPLATE, "--shutdown-timeout", "10"]
     with running_server(cmd, port, log, vllm_server_env(), timeout=600) as base:
         yield base, log
@@ -55,11 +55,10 @@ def _words(rng: random.Random, n: int) -> str:
     return " ".join(rng.choice(WORDS) for _ in range(n))
 
 
-def _chat(base, model, messages, max_tokens=REPLY, stream=False, **extra):
+def _chat(base, model, messages, max_tokens=REPLY, **extra):
     body = {"model": model, "messages": messages, "max_tokens": max_tokens, "temperature": 0,
             "ignore_eos": True, "logprobs": True, "top_logprobs": 0, "return_token_ids": True, **extra}
-    return requests.post(base + "/v1/chat/completions", json={**body, "stream": stream}, timeout=600,
-                         stream=stream)
+    return requests.post(base + "/v1/chat/completions", json=body, timeout=600)
 
 
 def _turn(base, model, messages, max_tokens=REPLY) -> dict:
@@ -117,15 +116,12 @@ def test_system_turn_sessions_equal_the_oracle(server, tiny_llama, tokenizer):
     results[0].append(_turn(base, model, histories[0], max_tokens=8 * REPLY))
 
     # One more turn of session 0, streamed and read in part, scraped while it surely runs
-    # (it asks for far more tokens than it gets before the scrape), then closed (aborted):
+    # (it asks for minutes of tokens, far more than it gets before the scrape), then closed (aborted):
     # its pinned sink blocks are the system turn's (Sb of its S, not of the fallback 4).
     s0 = _system_turn(tokenizer, results[0][0]["prompt"], systems[0])
     probe = histories[0] + [{"role": "user", "content": _words(rng, USER_WORDS)}]
-    with _chat(base, model, probe, max_tokens=8192, stream=True) as r:
-        assert r.status_code == 200, r.text
-        chunks = (line for line in r.iter_lines() if line)
-        for _ in range(16):  # tokens are flowing: the request is past its prefill
-            next(chunks)
+    body = {"model": model, "messages": probe, "max_tokens": LONG // 2, "temperature": 0, "ignore_eos": True}
+    with streamed_past(base + "/v1/chat/completions", body, 16):  # past its prefill
         m = _scrape(base)
     assert m["vllm:streaming_sink_requests_past_window"] == 1, m
     assert m["vllm:streaming_sink_sink_blocks_pinned"] == -(-s0 // BS), (m, s0)
