@@ -68,7 +68,7 @@ def vllm_server_env() -> dict:
 
 def served_model(base: str) -> str:
     """The model name an OpenAI-compatible server at ``base`` serves."""
-    return requests.get(base + "/v1/models", timeout=10).json()["data"][0]["id"]
+    return requests.get(base + "/v1/models", timeout=120).json()["data"][0]["id"]
 
 
 @contextlib.contextmanager

@@ -101,7 +101,7 @@ def test_a_request_without_max_tokens_stops_at_the_context(two_api_servers):
 def _scrape(base: str) -> dict[str, float]:
     """The vllm:streaming_sink_* samples, by name (+ le for buckets); one engine."""
     samples: dict[str, float] = {}
-    for line in requests.get(base + "/metrics", timeout=10).text.splitlines():
+    for line in requests.get(base + "/metrics", timeout=120).text.splitlines():
         if line.startswith("vllm:streaming_sink_"):
             name, value = line.rsplit(" ", 1)
             key = name.split("{")[0]

@@ -138,7 +138,7 @@ def test_cli_flags_in_help_and_bad_values_refused(tiny_llama):
 
 def _scrape(base: str) -> dict[str, float]:
     """The vllm:streaming_sink_* samples on /metrics, by name (labels dropped: one engine)."""
-    text = requests.get(base + "/metrics", timeout=10).text
+    text = requests.get(base + "/metrics", timeout=120).text
     samples = {}
     for line in text.splitlines():
         if line.startswith("vllm:streaming_sink_"):

@@ -38,13 +38,15 @@ SERVER_ARGS = shlex.split(os.environ.get("SHUTDOWN_TEST_SERVER_ARGS", "--api-ser
 def test_sigterm_with_open_streams_ends_every_stream_and_exits(tmp_path):
     from tiny_models import build_tiny_llama
 
-    # The tiny Llama (256-token context) streaming 3000 tokens, 12x its context, with
-    # --max-model-len past it: which also checks that the policy's settings reach vLLM's
-    # extra API server processes (hooks/engine_config.py, from_cli_args).
+    # The tiny Llama (256-token context) asked for 130,000 tokens per stream, 500x its context,
+    # with --max-model-len past it: which also checks that the policy's settings reach vLLM's
+    # extra API server processes (hooks/engine_config.py, from_cli_args). Every stream must still
+    # run at SIGTERM: on a loaded CI box the 32 streams took 13 s to all start, and the first
+    # ones, at 3000 tokens, had ended by then (alone, a stream makes ~1000 tokens/s).
     model = build_tiny_llama(tmp_path / "tiny")
     # startup_timeout: a shared 2-core machine at load average ~24 once took > 400 s to start.
     args = argparse.Namespace(
-        streams=STREAMS, max_tokens=3000, max_model_len=16384, prompt_tokens=16, settle=1.0,
+        streams=STREAMS, max_tokens=130000, max_model_len=131072, prompt_tokens=16, settle=1.0,
         client_timeout=BOUND_S, exit_timeout=BOUND_S, startup_timeout=900.0, server_arg=SERVER_ARGS)
     run = sigterm_shutdown.one_run(args, "policy", 0, model, tmp_path)
 

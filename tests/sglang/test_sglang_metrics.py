@@ -32,7 +32,7 @@ def server(tiny_llama_128, tmp_path_factory):
     port = free_port()
     log = tmp_path_factory.mktemp("server-metrics") / "server.log"
     cmd = launch_server_cmd(tiny_llama_128, port, "--enable-metrics")
-    with running_server(cmd, port, log, dict(os.environ), timeout=300) as base:
+    with running_server(cmd, port, log, dict(os.environ), timeout=600) as base:
         yield base
 
 
@@ -41,7 +41,7 @@ def scrape(base: str) -> dict[str, list[tuple[dict, float]]]:
     from prometheus_client.parser import text_string_to_metric_families
 
     out: dict[str, list[tuple[dict, float]]] = {}
-    text = requests.get(base + "/metrics", timeout=10).text
+    text = requests.get(base + "/metrics", timeout=120).text
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
             out.setdefault(sample.name, []).append((sample.labels, sample.value))
@@ -149,5 +149,5 @@ def test_metrics_follow_the_policy(server):
     # Both observations in the S + W + 1 bucket, none below it.
     le = {labels["le"]: v for labels, v in after[PEAK + "_bucket"]}
     assert le[f"{float(S + W)}"] == 0 and le[f"{float(S + W + 1)}"] == 2
-    text = requests.get(base + "/metrics", timeout=10).text
+    text = requests.get(base + "/metrics", timeout=120).text
     print("\n".join(line for line in text.splitlines() if "streaming_sink" in line))

@@ -23,12 +23,12 @@ def server(tiny_llama_128, tmp_path_factory):
     port = free_port()
     log = tmp_path_factory.mktemp("server") / "server.log"
     cmd = launch_server_cmd(tiny_llama_128, port)
-    with running_server(cmd, port, log, dict(os.environ), timeout=300) as base:
+    with running_server(cmd, port, log, dict(os.environ), timeout=600) as base:
         yield base, trace, log
 
 
 def _used_tokens(base: str) -> int:
-    loads = requests.get(base + "/v1/loads", timeout=10).json()["loads"]
+    loads = requests.get(base + "/v1/loads", timeout=120).json()["loads"]
     return sum(int(load["num_used_tokens"]) for load in loads)
 
 
@@ -93,7 +93,7 @@ def test_abort_mid_stream_returns_every_slot(server):
                 continue
             last = json.loads(line[6:])
             if last["meta_info"]["completion_tokens"] >= 2 * CONTEXT and _used_tokens(base) > 0:
-                requests.post(base + "/abort_request", json={"rid": rid}, timeout=10)
+                requests.post(base + "/abort_request", json={"rid": rid}, timeout=120)
     assert last["meta_info"]["finish_reason"]["type"] == "abort"
     assert 2 * CONTEXT <= last["meta_info"]["completion_tokens"] < 16 * CONTEXT
     held = [v for r in trace.records() for v in r["step"].values()]
