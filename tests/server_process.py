@@ -19,6 +19,10 @@ from pathlib import Path
 import pytest
 import requests
 
+# One quick HTTP call to a test server (/metrics, /v1/models, an abort): a loaded CI box
+# serves even these in seconds (a /metrics scrape once took ~5 s), so allow far more.
+REQUEST_TIMEOUT_S = 120
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -68,7 +72,7 @@ def vllm_server_env() -> dict:
 
 def served_model(base: str) -> str:
     """The model name an OpenAI-compatible server at ``base`` serves."""
-    return requests.get(base + "/v1/models", timeout=120).json()["data"][0]["id"]
+    return requests.get(base + "/v1/models", timeout=REQUEST_TIMEOUT_S).json()["data"][0]["id"]
 
 
 @contextlib.contextmanager

@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 import requests
 
-from server_process import free_port, running_server, served_model, streamed_past, vllm_server_env
+from server_process import (REQUEST_TIMEOUT_S, free_port, running_server, served_model, streamed_past,
+                            vllm_server_env)
 
 CONTEXT = 256  # the tiny model's max_position_embeddings
 VLLM = str(Path(sys.executable).with_name("vllm"))
@@ -101,7 +102,7 @@ def test_a_request_without_max_tokens_stops_at_the_context(two_api_servers):
 def _scrape(base: str) -> dict[str, float]:
     """The vllm:streaming_sink_* samples, by name (+ le for buckets); one engine."""
     samples: dict[str, float] = {}
-    for line in requests.get(base + "/metrics", timeout=120).text.splitlines():
+    for line in requests.get(base + "/metrics", timeout=REQUEST_TIMEOUT_S).text.splitlines():
         if line.startswith("vllm:streaming_sink_"):
             name, value = line.rsplit(" ", 1)
             key = name.split("{")[0]

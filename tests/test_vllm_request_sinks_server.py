@@ -19,7 +19,8 @@ import requests
 import torch
 
 from oracle import OracleLlama, check_greedy
-from server_process import free_port, running_server, served_model, streamed_past, vllm_server_env
+from server_process import (REQUEST_TIMEOUT_S, free_port, running_server, served_model, streamed_past,
+                            vllm_server_env)
 from test_vllm_server import CHAT_TEMPLATE, LONG, VLLM, _scrape
 
 from streaming_sink.policy import SinkPolicy
@@ -176,7 +177,7 @@ def test_system_turn_longer_than_the_cap_is_capped_and_logged(server):
     long_system = _words(random.Random(3), 120)  # far more than 128 tokens
     r = _chat(base, model, [{"role": "system", "content": long_system}, {"role": "user", "content": "hi"}], 8)
     assert r.status_code == 200, r.text
-    deadline = time.time() + 120  # a loaded server can take seconds per request
+    deadline = time.time() + REQUEST_TIMEOUT_S
     while "longer than --max-sink-tokens 128" not in log.read_text() and time.time() < deadline:
         time.sleep(0.5)
     assert "longer than --max-sink-tokens 128: its first 128 tokens are the request's sinks" in log.read_text()

@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 import requests
 
-from server_process import free_port, running_server, served_model, streamed_past, vllm_server_env
+from server_process import (REQUEST_TIMEOUT_S, free_port, running_server, served_model, streamed_past,
+                            vllm_server_env)
 
 CONTEXT = 256
 LONG = 131072  # --max-model-len: a live-view stream can ask for minutes of tokens
@@ -138,7 +139,7 @@ def test_cli_flags_in_help_and_bad_values_refused(tiny_llama):
 
 def _scrape(base: str) -> dict[str, float]:
     """The vllm:streaming_sink_* samples on /metrics, by name (labels dropped: one engine)."""
-    text = requests.get(base + "/metrics", timeout=120).text
+    text = requests.get(base + "/metrics", timeout=REQUEST_TIMEOUT_S).text
     samples = {}
     for line in text.splitlines():
         if line.startswith("vllm:streaming_sink_"):

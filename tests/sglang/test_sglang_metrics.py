@@ -14,7 +14,7 @@ import pytest
 import requests
 
 from conftest import CONTEXT
-from server_process import free_port, running_server
+from server_process import REQUEST_TIMEOUT_S, free_port, running_server
 from sglang_helpers import CHUNK, S, W, launch_server_cmd, random_ids
 
 from streaming_sink.metric_names import metric_name
@@ -41,7 +41,7 @@ def scrape(base: str) -> dict[str, list[tuple[dict, float]]]:
     from prometheus_client.parser import text_string_to_metric_families
 
     out: dict[str, list[tuple[dict, float]]] = {}
-    text = requests.get(base + "/metrics", timeout=120).text
+    text = requests.get(base + "/metrics", timeout=REQUEST_TIMEOUT_S).text
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
             out.setdefault(sample.name, []).append((sample.labels, sample.value))
@@ -149,5 +149,5 @@ def test_metrics_follow_the_policy(server):
     # Both observations in the S + W + 1 bucket, none below it.
     le = {labels["le"]: v for labels, v in after[PEAK + "_bucket"]}
     assert le[f"{float(S + W)}"] == 0 and le[f"{float(S + W + 1)}"] == 2
-    text = requests.get(base + "/metrics", timeout=120).text
+    text = requests.get(base + "/metrics", timeout=REQUEST_TIMEOUT_S).text
     print("\n".join(line for line in text.splitlines() if "streaming_sink" in line))

@@ -13,7 +13,7 @@ import requests
 
 from conftest import CONTEXT
 from oracle import OracleLlama
-from server_process import free_port, running_server
+from server_process import REQUEST_TIMEOUT_S, free_port, running_server
 from sglang_helpers import TOL, S, Trace, W, launch_server_cmd, random_ids, trace_path
 
 
@@ -28,7 +28,7 @@ def server(tiny_llama_128, tmp_path_factory):
 
 
 def _used_tokens(base: str) -> int:
-    loads = requests.get(base + "/v1/loads", timeout=120).json()["loads"]
+    loads = requests.get(base + "/v1/loads", timeout=REQUEST_TIMEOUT_S).json()["loads"]
     return sum(int(load["num_used_tokens"]) for load in loads)
 
 
@@ -93,7 +93,7 @@ def test_abort_mid_stream_returns_every_slot(server):
                 continue
             last = json.loads(line[6:])
             if last["meta_info"]["completion_tokens"] >= 2 * CONTEXT and _used_tokens(base) > 0:
-                requests.post(base + "/abort_request", json={"rid": rid}, timeout=120)
+                requests.post(base + "/abort_request", json={"rid": rid}, timeout=REQUEST_TIMEOUT_S)
     assert last["meta_info"]["finish_reason"]["type"] == "abort"
     assert 2 * CONTEXT <= last["meta_info"]["completion_tokens"] < 16 * CONTEXT
     held = [v for r in trace.records() for v in r["step"].values()]
